@@ -1,0 +1,36 @@
+"""Configs are YAML files under configs/; ``--config`` takes a name there or a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def available_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path) -> dict:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown config {str(name_or_path)!r}: not a YAML file, and not one of "
+                          f"{', '.join(available_configs())}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    missing = [key for key in ("resolution", "window", "fps", "unet", "vae", "sampler", "whisper")
+               if key not in (config or {})]
+    if missing:
+        raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
+    config.setdefault("name", path.stem)
+    return config

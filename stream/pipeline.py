@@ -1,0 +1,91 @@
+"""The lip-sync pipeline, declared in one place.
+
+    decode -> face -> audio -> windows -> model -> paste -> sink
+
+Every mode (file, live, WebRTC) runs this same sequence; modes differ only in their source,
+their audio stage and their sink.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable
+
+import torch
+
+from models.factory import build_models
+from models.lipsync import BypassModel, FaceGenerator
+from models.precision import select_device, select_dtype
+from models.whisper_encoder import WhisperEncoder
+from stream.audio_conditioning import AttachAudio
+from stream.compositing import PasteBack
+from stream.face_tracking import FaceTracking
+from stream.generation import Generation
+from stream.mouth_mask import mouth_mask
+from stream.runner import Pipeline, Stage
+from stream.windows import Windowing
+
+
+@dataclass
+class Summary:
+    config: str
+    device: str
+    frames: int
+    frames_without_face: int
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+    def stages_ms_per_frame(self) -> dict[str, float]:
+        return {stage: 1000 * seconds / max(self.frames, 1) for stage, seconds in self.stage_seconds.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "device": self.device, "frames": self.frames,
+                "frames_without_face": self.frames_without_face, "seconds": round(self.seconds, 3),
+                "fps": round(self.fps, 2),
+                "stages_ms_per_frame": {k: round(v, 2) for k, v in self.stages_ms_per_frame().items()}}
+
+
+class LipSync:
+    """The models and settings one job or session needs, built once from a config."""
+
+    def __init__(self, config: dict, generator: FaceGenerator, audio_encoder: WhisperEncoder,
+                 device: torch.device):
+        self.config = config
+        self.generator = generator
+        self.audio_encoder = audio_encoder
+        self.device = device
+
+    @classmethod
+    def from_config(cls, config: dict, device: str = "auto", precision: str = "auto",
+                    bypass: bool = False) -> "LipSync":
+        torch_device = select_device(device)
+        mask = torch.from_numpy(mouth_mask(config["resolution"]))
+        models = build_models(config, mask, torch_device, select_dtype(torch_device, precision))
+        generator = BypassModel(config["resolution"]) if bypass else models.generator
+        return cls(config, generator, models.audio_encoder, torch_device)
+
+    def stages(self, audio: Stage, sink: Stage) -> list[Stage]:
+        return [
+            FaceTracking(self.config["resolution"]),
+            audio,
+            Windowing(self.config["window"]),
+            Generation(self.generator),
+            PasteBack(),
+            sink,
+        ]
+
+    async def run_file(self, frames: Iterable | AsyncIterator, waveform_16k, n_frames: int,
+                       sink: Stage) -> Summary:
+        """Offline job: the whole audio is known up front; the video streams through."""
+        stages = self.stages(AttachAudio(self.audio_encoder, waveform_16k, n_frames), sink)
+        started = time.perf_counter()
+        times = await Pipeline(stages).run(frames)
+        face_stage: FaceTracking = stages[0]
+        return Summary(self.config["name"], str(self.device), times.items.get(PasteBack.name, 0),
+                       face_stage.frames_without_face, time.perf_counter() - started,
+                       dict(times.seconds))

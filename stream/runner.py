@@ -1,0 +1,107 @@
+"""Runs an ordered list of stages as asyncio tasks joined by bounded queues.
+
+A stage is a small object with a ``name``, a blocking ``process(item) -> list`` and a
+``flush() -> list`` called once at the end of the stream. Each stage runs on its own single
+worker thread: the event loop stays free for I/O, the heavy numeric stages overlap each other,
+and a stage's state is only ever touched by one thread. The end of the stream travels through
+the same queues as the media (``END``), so stages never race a side channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Iterable, Iterator, Protocol
+
+from stream.frames import StageTimes
+
+
+def run_async(coroutine):
+    """asyncio.run on uvloop when it is installed (lower scheduling latency), else the stock loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+class Stage(Protocol):
+    name: str
+
+    def process(self, item: Any) -> list[Any]: ...
+
+    def flush(self) -> list[Any]: ...
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
+
+
+async def iterate_in_thread(items: Iterable[Any], executor: ThreadPoolExecutor) -> AsyncIterator[Any]:
+    """Drive a blocking iterator (a decoder, say) from a worker thread."""
+    loop = asyncio.get_running_loop()
+    iterator: Iterator[Any] = iter(items)
+    done = object()
+    while (item := await loop.run_in_executor(executor, next, iterator, done)) is not done:
+        yield item
+
+
+class Pipeline:
+    """source -> stages[0] -> ... -> stages[-1]; queues hold at most ``queue_size`` items each."""
+
+    def __init__(self, stages: list[Stage], queue_size: int = 32):
+        self.stages = stages
+        self.queue_size = queue_size
+        self.times = StageTimes()
+
+    async def run(self, source: AsyncIterator[Any] | Iterable[Any]) -> StageTimes:
+        queues = [asyncio.Queue(self.queue_size) for _ in range(len(self.stages) + 1)]
+        executors = [ThreadPoolExecutor(1, thread_name_prefix=f"stage-{stage.name}")
+                     for stage in self.stages]
+        source_executor = ThreadPoolExecutor(1, thread_name_prefix="stage-source")
+        tasks = [asyncio.create_task(self._feed(source, queues[0], source_executor))]
+        tasks += [asyncio.create_task(self._work(stage, queues[i], queues[i + 1], executors[i]))
+                  for i, stage in enumerate(self.stages)]
+        tasks.append(asyncio.create_task(self._drain(queues[-1])))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for executor in executors + [source_executor]:
+                executor.shutdown(wait=True, cancel_futures=True)
+        return self.times
+
+    async def _feed(self, source, outbox: asyncio.Queue, executor: ThreadPoolExecutor) -> None:
+        items = source if hasattr(source, "__aiter__") else iterate_in_thread(source, executor)
+        started = time.perf_counter()
+        async for item in items:
+            self.times.add("decode", time.perf_counter() - started)
+            await outbox.put(item)
+            started = time.perf_counter()
+        await outbox.put(END)
+
+    async def _work(self, stage: Stage, inbox: asyncio.Queue, outbox: asyncio.Queue,
+                    executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await inbox.get()
+            call = (stage.flush,) if item is END else (stage.process, item)
+            started = time.perf_counter()
+            results = await loop.run_in_executor(executor, *call)
+            self.times.add(stage.name, time.perf_counter() - started, len(results))
+            for result in results:
+                await outbox.put(result)
+            if item is END:
+                await outbox.put(END)
+                return
+
+    @staticmethod
+    async def _drain(inbox: asyncio.Queue) -> None:
+        while await inbox.get() is not END:
+            pass

@@ -1,0 +1,214 @@
+"""The spine, end to end through the CLI: file in -> every real stage -> mp4 out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from conftest import MEDIA, REPO
+from stream.compositing import paste_mask
+from stream.face_alignment import FaceAligner
+from stream.face_landmarks import FaceLandmarker
+from transport.files import Mp4Writer, read_video
+from stream.frames import VideoFrame
+
+SPEAKER = MEDIA / "speaker_wide.mp4"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run_stream.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def speech_clip(tmp_path: Path, seconds: float) -> Path:
+    with wave.open(str(MEDIA / "speech_16k.wav")) as source:
+        pcm = np.frombuffer(source.readframes(int(seconds * 16000)), "<i2").astype(np.float32) / 32768
+    return write_wav(tmp_path / "speech.wav", pcm, 16000)
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:
+    writer = Mp4Writer(path, frames[0].shape[1], frames[0].shape[0], fps, audio_rate=None)
+    for index, image in enumerate(frames):
+        writer.write_frame(VideoFrame(index, index / fps, image))
+    writer.close()
+    return path
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def stream_durations(path: Path) -> dict[str, float]:
+    with av.open(str(path)) as container:
+        return {stream.type: float(stream.duration * stream.time_base) for stream in container.streams}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def source_frames(count: int) -> list[np.ndarray]:
+    frames = []
+    for frame in read_video(SPEAKER, 25):
+        if frame.index >= count:
+            break
+        frames.append(frame.image)
+    return frames
+
+
+def test_issue_command_makes_a_playable_synced_mp4(tmp_path):
+    out = tmp_path / "out.mp4"
+    result = run_cli("file", "--video", str(SPEAKER), "--audio", str(MEDIA / "speech_16k.wav"),
+                     "--out", str(out), "--config", "tiny", "--quiet")
+    assert result.returncode == 0, result.stderr
+    with wave.open(str(MEDIA / "speech_16k.wav")) as speech:
+        audio_seconds = speech.getnframes() / speech.getframerate()
+    frames = decode(out)
+    assert abs(len(frames) - round(audio_seconds * 25)) <= 1
+    durations = stream_durations(out)
+    assert set(durations) == {"video", "audio"}
+    assert abs(durations["video"] - durations["audio"]) <= 0.040
+    assert "frames" in result.stdout and "fps" in result.stdout
+
+
+def test_bypass_model_reproduces_the_input(tmp_path):
+    """Identity model: crop, warp, squash, paste-back and encode together lose almost nothing."""
+    out = tmp_path / "bypass.mp4"
+    result = run_cli("file", "--video", str(SPEAKER), "--audio", str(speech_clip(tmp_path, 2.0)),
+                     "--out", str(out), "--bypass", "--quiet")
+    assert result.returncode == 0, result.stderr
+    produced = decode(out)
+    original = source_frames(len(produced))
+    assert len(produced) == 50
+    scores = [psnr(a, b) for a, b in zip(produced, original)]
+    assert min(scores) >= 35, f"min PSNR {min(scores):.1f} dB"
+
+
+def test_tiny_model_leaves_pixels_outside_the_paste_mask_alone(tmp_path):
+    out = tmp_path / "tiny.mp4"
+    result = run_cli("file", "--video", str(SPEAKER), "--audio", str(speech_clip(tmp_path, 1.3)),
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    produced = decode(out)
+    original = source_frames(len(produced))
+    aligner = FaceAligner(128)
+    inside_scores, outside_scores = [], []
+    with FaceLandmarker() as landmarker:
+        for made, source in zip(produced, original):
+            face = aligner.align(source, landmarker.alignment_points(source))
+            # A 2 px margin covers the encoder's chroma subsampling at the mask edge.
+            outside = paste_mask(face, source.shape[:2], margin=2) == 0
+            outside_scores.append(psnr(made[outside], source[outside]))
+            inside_scores.append(psnr(made[~outside], source[~outside]))
+    assert min(outside_scores) >= 40, f"outside the mask: {min(outside_scores):.1f} dB"
+    assert max(inside_scores) < 35, "the model should have changed the mouth"
+
+
+def test_a_second_without_a_face_passes_through(tmp_path):
+    frames = source_frames(75)
+    for image in frames[25:50]:
+        image[:] = 0
+    clip = write_video(tmp_path / "gap.mp4", frames)
+    out = tmp_path / "out.mp4"
+    result = run_cli("file", "--video", str(clip), "--audio", str(speech_clip(tmp_path, 3.0)),
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "(25 without a face)" in result.stdout
+    produced = decode(out)
+    assert len(produced) == 75
+    assert max(float(np.abs(image.astype(int)).mean()) for image in produced[26:49]) < 2
+
+
+@pytest.fixture()
+def faceless_video(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    return write_video(tmp_path / "noface.mp4", [np.roll(base, i, axis=1) for i in range(30)])
+
+
+def expect_one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path):
+    speech = str(MEDIA / "speech_16k.wav")
+    out = str(tmp_path / "o.mp4")
+    expect_one_line_error(run_cli("file", "--video", "nope.mp4", "--audio", speech, "--out", out),
+                          "no such file")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    expect_one_line_error(run_cli("file", "--video", str(corrupt), "--audio", speech, "--out", out),
+                          "corrupt.mp4")
+    expect_one_line_error(run_cli("file", "--video", str(MEDIA / "anime_speaker.mp4"), "--out", out),
+                          "no audio")
+    expect_one_line_error(run_cli("file", "--video", speech, "--audio", speech, "--out", out),
+                          "no video stream")
+    expect_one_line_error(run_cli("file", "--video", str(SPEAKER), "--audio", str(SPEAKER), "--out", out,
+                                  "--config", "nonsense"), "unknown config")
+
+
+def test_truncated_video_keeps_what_decodes(tmp_path):
+    clip = write_video(tmp_path / "whole.mp4", source_frames(50))
+    data = clip.read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    result = run_cli("file", "--video", str(truncated), "--audio", str(speech_clip(tmp_path, 1.0)),
+                     "--out", str(tmp_path / "o.mp4"), "--quiet", "--bypass")
+    assert "Traceback" not in result.stderr
+    if result.returncode != 0:  # the index (moov) sits at the end: nothing is recoverable
+        expect_one_line_error(result, "truncated.mp4")
+
+
+def test_video_without_any_face_is_a_documented_pass_through(tmp_path, faceless_video):
+    out = tmp_path / "out.mp4"
+    result = run_cli("file", "--video", str(faceless_video), "--audio", str(speech_clip(tmp_path, 1.0)),
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "no face found" in result.stderr
+    assert "(25 without a face)" in result.stdout
+    original = decode(faceless_video)
+    produced = decode(out)
+    assert len(produced) == 25
+    assert min(psnr(a, b) for a, b in zip(produced, original)) >= 30
+
+
+def test_help_explains_every_option():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "file" in top.stdout and "bench" in top.stdout
+    detail = run_cli("file", "--help")
+    assert detail.returncode == 0
+    for option in ("--video", "--audio", "--out", "--config", "--device", "--precision", "--bypass", "--quiet"):
+        assert option in detail.stdout
+
+
+def test_bench_writes_json(tmp_path):
+    report = tmp_path / "bench.json"
+    result = run_cli("bench", "--config", "tiny", "--video", str(SPEAKER), "--audio",
+                     str(speech_clip(tmp_path, 1.3)), "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    figures = json.loads(report.read_text())
+    assert {"config", "device", "frames", "fps", "stages_ms_per_frame"} <= set(figures)
+    assert figures["frames"] == 32 and figures["fps"] > 0
+    assert {"face", "audio", "model", "paste"} <= set(figures["stages_ms_per_frame"])
