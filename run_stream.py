@@ -38,6 +38,9 @@ def _arguments() -> argparse.ArgumentParser:
         command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
         command.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                              help="model dtype; auto = bf16/fp16 on CUDA, fp32 on CPU")
+        command.add_argument("--checkpoints", metavar="DIR",
+                             help="official weights in LatentSync's layout: DIR/latentsync_unet.pt, "
+                                  "DIR/whisper/tiny.pt, DIR/vae/ (default: the hub cache, see `download`)")
         command.add_argument("--bypass", action="store_true",
                              help="skip the model and paste the aligned face back unchanged (a geometry check)")
 
@@ -55,14 +58,37 @@ def _arguments() -> argparse.ArgumentParser:
                     "each stage, as a table and optionally as JSON.")
     job_options(bench)
     bench.add_argument("--json", help="write the figures to this JSON file")
+
+    download = commands.add_parser(
+        "download", help="fetch a config's official weights into the hub cache",
+        description="Fetch the U-Net, Whisper tiny and the SD VAE that CONFIG names, through "
+                    "huggingface_hub (progress bars; interrupted downloads resume). Where the hub cannot "
+                    "be reached it says at once which files are missing and where to put them.")
+    download.add_argument("config", help="a config name (latentsync-1.5, latentsync-1.6) or YAML path")
+    download.add_argument("--cache-dir", help="hub cache folder (default: huggingface_hub's, HF_HOME)")
     return parser
+
+
+def _download(args: argparse.Namespace) -> None:
+    from stream.config import ConfigError, load_config
+    from models.weights import WeightsUnavailable, from_hub
+
+    try:
+        config = load_config(args.config)
+        if config.get("weights", {}).get("source") != "hub":
+            raise UserError(f"config {config['name']!r} uses seeded weights: nothing to download")
+        files = from_hub(config, args.cache_dir)
+    except (ConfigError, WeightsUnavailable) as exc:
+        raise UserError(str(exc)) from None
+    for name, path in vars(files).items():
+        print(f"{name}: {path}")
 
 
 def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
     from stream.config import ConfigError, load_config
     from transport.files import (FEATURE_RATE, OUTPUT_AUDIO_RATE, MediaError, Mp4Sink, fit_audio,
                                  output_frame_count, ping_pong, probe, read_audio, read_video)
-    from models.factory import WeightsUnavailable
+    from models.weights import WeightsUnavailable
 
     try:
         config = load_config(args.config)
@@ -82,7 +108,11 @@ def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
         from stream.runner import run_async
         from tqdm import tqdm
 
-        lipsync = LipSync.from_config(config, args.device, args.precision, bypass=args.bypass)
+        try:
+            lipsync = LipSync.from_config(config, args.device, args.precision, bypass=args.bypass,
+                                          checkpoints=args.checkpoints)
+        except ValueError as exc:  # weights that do not fit the config, an unknown precision...
+            raise UserError(str(exc).replace("\n", " ")) from None
         bar = tqdm(total=n_frames, unit="frame", disable=not progress, file=sys.stderr)
         sink = Mp4Sink(out, video.width, video.height, fps, speech_48k, progress=bar)
         frames = ping_pong(read_video(args.video, fps), n_frames, fps)
@@ -114,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             result = _run_file(args, args.out, progress=not args.quiet)
             print(f"wrote {args.out}")
             _print_table(result)
+        elif args.command == "download":
+            _download(args)
         elif args.command == "bench":
             with tempfile.TemporaryDirectory() as scratch:
                 result = _run_file(args, str(Path(scratch) / "bench.mp4"), progress=False)

@@ -62,10 +62,11 @@ class LipSync:
 
     @classmethod
     def from_config(cls, config: dict, device: str = "auto", precision: str = "auto",
-                    bypass: bool = False) -> "LipSync":
+                    bypass: bool = False, checkpoints: str | None = None) -> "LipSync":
         torch_device = select_device(device)
         mask = torch.from_numpy(mouth_mask(config["resolution"]))
-        models = build_models(config, mask, torch_device, select_dtype(torch_device, precision))
+        models = build_models(config, mask, torch_device, select_dtype(torch_device, precision),
+                              checkpoints)
         generator = BypassModel(config["resolution"]) if bypass else models.generator
         return cls(config, generator, models.audio_encoder, torch_device)
 

@@ -1,0 +1,5 @@
+"""LatentSync's audio-conditioned 3-D U-Net; see ``models/unet/unet.py``."""
+
+from models.unet.unet import UNet3DConditionModel
+
+__all__ = ["UNet3DConditionModel"]
