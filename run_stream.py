@@ -58,6 +58,14 @@ def _arguments() -> argparse.ArgumentParser:
                     "each stage, as a table and optionally as JSON.")
     job_options(bench)
     bench.add_argument("--json", help="write the figures to this JSON file")
+    bench.add_argument("--live", action="store_true",
+                       help="play the clip in real time through a live session: adds latency (p50/p95/max), "
+                            "time to first frame, A/V offset, dropped frames and the seam ratio")
+    bench.add_argument("--stride", type=int, default=4,
+                       help="live: frames a 16-frame window advances by (16 = independent windows)")
+    bench.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
+    bench.add_argument("--seconds", type=float, help="only the first SECONDS of the audio")
+    bench.add_argument("--no-vad", action="store_true", help="live: run the model through silence too")
 
     download = commands.add_parser(
         "download", help="fetch a config's official weights into the hub cache",
@@ -128,6 +136,79 @@ def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
     return summary.as_dict()
 
 
+def _bench_live(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from stream.config import ConfigError, load_config
+    from stream.live import LiveSession
+    from stream.mouth_mask import mouth_mask
+    from stream.pipeline import LipSync
+    from stream.runner import run_async
+    from stream.seams import seam_ratio
+    from transport.files import (OUTPUT_AUDIO_RATE, MediaError, fit_audio, output_frame_count, ping_pong,
+                                 probe, read_audio, read_video)
+    from transport.paced_file import play_live
+
+    try:
+        config = load_config(args.config)
+        if args.steps:
+            config["sampler"]["steps"] = args.steps
+        if not probe(args.video).has_video:
+            raise UserError(f"{args.video}: no video stream")
+        speech_16k, speech_48k = read_audio(args.audio or args.video)
+    except (ConfigError, MediaError) as exc:
+        raise UserError(str(exc)) from None
+    fps = int(config["fps"])
+    if args.seconds:
+        speech_16k = speech_16k[: int(args.seconds * 16000)]
+    n_frames = output_frame_count(speech_16k, fps)
+    speech_48k = fit_audio(speech_48k, n_frames / fps, OUTPUT_AUDIO_RATE)
+    lipsync = LipSync.from_config(config, args.device, args.precision, bypass=args.bypass,
+                                  checkpoints=args.checkpoints)
+
+    async def run() -> tuple[dict, LiveSession, np.ndarray]:
+        session = LiveSession(lipsync, stride=args.stride, vad=not args.no_vad, record=True)
+        await session.start()
+        audio_out = []
+        frames = ping_pong(read_video(args.video, fps), n_frames, fps)
+        feeder = asyncio.create_task(play_live(session, frames, speech_48k, OUTPUT_AUDIO_RATE, fps))
+        while (out := await session.output()) is not None:
+            audio_out.append(out.audio)
+        await feeder
+        stats = session.stats()
+        await session.close()
+        return stats, session, np.concatenate(audio_out, axis=1)
+
+    import asyncio
+
+    stats, session, audio_out = run_async(run())
+    generation = session.stages[3]
+    region = mouth_mask(config["resolution"]) < 0.5
+    seams = seam_ratio(generation.recorded, generation.boundaries, region)
+    # The output audio against the input, by cross-correlation: how far the audio that left with
+    # the frames is from where it was in the source.
+    reference = speech_48k[0, : audio_out.shape[1]]
+    lag = _best_lag(reference, audio_out[0], max_lag=OUTPUT_AUDIO_RATE // 5)
+    return {**stats, "frames": stats["frames_out"], "stride": args.stride,
+            "steps": config["sampler"]["steps"], "frames_in": n_frames,
+            "seam_ratio": round(seams, 3) if seams else None,
+            "av_offset_ms": round(1000 * lag / OUTPUT_AUDIO_RATE, 2),
+            "frames_without_face": session.stages[0].frames_without_face,
+            "seconds": round(n_frames / fps, 2)}
+
+
+def _best_lag(reference, signal, max_lag: int) -> int:
+    """The shift (samples) of ``signal`` against ``reference`` that correlates best."""
+    import numpy as np
+
+    n = min(len(reference), len(signal))
+    spectrum = np.fft.rfft(reference[:n], 2 * n) * np.conj(np.fft.rfft(signal[:n], 2 * n))
+    correlation = np.fft.irfft(spectrum)
+    lags = np.concatenate([np.arange(0, max_lag + 1), np.arange(-max_lag, 0)])
+    values = np.concatenate([correlation[: max_lag + 1], correlation[-max_lag:]])
+    return int(-lags[int(np.argmax(values))])
+
+
 def _print_table(result: dict) -> None:
     print(f"config {result['config']} on {result['device']}: {result['frames']} frames "
           f"({result['frames_without_face']} without a face) in {result['seconds']:.1f} s "
@@ -135,6 +216,21 @@ def _print_table(result: dict) -> None:
     print(f"  {'stage':<10}{'ms/frame':>10}")
     for stage, ms in result["stages_ms_per_frame"].items():
         print(f"  {stage:<10}{ms:>10.1f}")
+
+
+def _print_live_table(result: dict) -> None:
+    latency = result["latency_ms"]
+    print(f"live {result['config']} on {result['device']}, stride {result['stride']}, "
+          f"{result['steps']} steps: {result['frames']}/{result['frames_in']} frames at {result['fps']:.2f} fps")
+    print(f"  added latency ms  p50 {latency['p50']:.0f}  p95 {latency['p95']:.0f}  max {latency['max']:.0f}"
+          f"   first frame {result['ttff_ms']:.0f} ms   A/V offset {result['av_offset_ms']:.1f} ms")
+    print(f"  dropped {result['dropped_frames']} (late {result['late_frames']}, ticks {result['dropped_ticks']})"
+          f"   silent {result['silent_frames']}   clock slips {result['clock_slips']}"
+          f"   seam ratio {result['seam_ratio']}")
+    print(f"  {'stage':<10}{'ms/frame':>10}{'done at ms (p50)':>18}")
+    for stage, ms in result["stages_ms_per_frame"].items():
+        done = result["stage_done_ms_p50"].get(stage, "")
+        print(f"  {stage:<10}{ms:>10.1f}{done:>18}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(result)
         elif args.command == "download":
             _download(args)
+        elif args.command == "bench" and args.live:
+            result = _bench_live(args)
+            _print_live_table(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
         elif args.command == "bench":
             with tempfile.TemporaryDirectory() as scratch:
                 result = _run_file(args, str(Path(scratch) / "bench.mp4"), progress=False)

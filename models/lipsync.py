@@ -18,11 +18,16 @@ from models.vae import FaceVAE
 
 
 class FaceGenerator(Protocol):
-    """What the pipeline needs from a model: (F, 3, H, W) faces in [-1, 1] + (F, 50, C) audio -> faces."""
+    """What the pipeline needs from a model, in the three steps a stream caches between."""
 
     resolution: int
 
-    def generate(self, faces: torch.Tensor, audio: torch.Tensor) -> torch.Tensor: ...
+    def encode_condition(self, faces: torch.Tensor) -> torch.Tensor: ...
+
+    def denoise(self, condition: torch.Tensor, audio: torch.Tensor,
+                known: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor: ...
 
 
 class LipSyncModel(nn.Module):
@@ -40,7 +45,7 @@ class LipSyncModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def _noise(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    def _noise(self, latent_shape: tuple[int, int, int, int]) -> torch.Tensor:
         # One noise frame shared by every frame of every window (upstream): with eta=0 DDIM this
         # keeps windows consistent with each other.
         generator = torch.Generator().manual_seed(self.seed)
@@ -49,31 +54,71 @@ class LipSyncModel(nn.Module):
         return noise.to(self.mask.device, self.dtype)
 
     @torch.no_grad()
-    def generate(self, faces: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def encode_condition(self, faces: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) faces in [-1, 1] -> (F, 9, h, w): [latent mask, masked-face latents, face latents].
+
+        Per frame and independent of the window, so a stream encodes each frame once.
+        """
         faces = faces.to(self.mask.device, self.dtype)
         mask = self.mask.to(self.dtype)
-        latents = self.vae.encode(torch.cat([faces * mask, faces]))
-        masked_latents, reference_latents = latents.chunk(2)
-        latent_mask = F.interpolate(mask, size=latents.shape[-2:], mode="nearest")
+        masked_latents, reference_latents = self.vae.encode(torch.cat([faces * mask, faces])).chunk(2)
+        latent_mask = F.interpolate(mask, size=masked_latents.shape[-2:], mode="nearest")
+        return torch.cat([latent_mask.expand(len(faces), -1, -1, -1), masked_latents, reference_latents], 1)
 
-        frames = faces.shape[0]
-        # (F, C, h, w) -> (1, C, F, h, w): the U-Net sees the window as one video.
-        as_video = lambda x: x.permute(1, 0, 2, 3).unsqueeze(0)  # noqa: E731
-        condition = torch.cat([as_video(latent_mask.expand(frames, -1, -1, -1)),
-                               as_video(masked_latents), as_video(reference_latents)], dim=1)
-        noise = self._noise(tuple(as_video(masked_latents).shape[1:])).expand(-1, -1, frames, -1, -1)
+    @torch.no_grad()
+    def denoise(self, condition: torch.Tensor, audio: torch.Tensor,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean latents (F, 4, h, w) for a window, from (F, 9, h, w) conditions and (F, 50, C) audio.
+
+        ``known`` (K, 4, h, w) are the clean latents of the window's first K frames, carried from the
+        previous window. At every step they replace those frames' latents, re-noised to the current
+        timestep with the same noise: the window is inpainted in time, so its new frames continue
+        what was already shown instead of starting over (which is what makes seams).
+        """
+        video = lambda x: x.permute(1, 0, 2, 3).unsqueeze(0)  # noqa: E731  (F, C, h, w) -> (1, C, F, h, w)
+        frames, _, height, width = condition.shape
+        noise = self._noise((4, frames, height, width)).expand(-1, -1, frames, -1, -1)
+        replace = None
+        if known is not None and len(known):
+            known_video = video(known.to(noise))
+
+            def replace(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                renoised = self.sampler.scheduler.add_noise(known_video, noise[:, :, : known.shape[0]], t)
+                return torch.cat([renoised, latents[:, :, known.shape[0]:]], dim=2)
+
         audio = audio.to(self.mask.device, self.dtype).unsqueeze(0)
+        result = self.sampler.sample(self.unet, noise, video(condition.to(noise)), audio, replace)
+        if known is not None and len(known):
+            result[:, :, : known.shape[0]] = video(known.to(noise))
+        return result[0].permute(1, 0, 2, 3)
 
-        result = self.sampler.sample(self.unet, noise, condition, audio)
-        decoded = self.vae.decode(result[0].permute(1, 0, 2, 3))
-        return decoded * (1 - mask) + faces * mask
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Clean latents + the faces they belong to -> faces whose masked region is the model's."""
+        faces = faces.to(self.mask.device, self.dtype)
+        mask = self.mask.to(self.dtype)
+        return self.vae.decode(latents) * (1 - mask) + faces * mask
+
+    def generate(self, faces: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """One independent window, as upstream: (F, 3, H, W) faces + (F, 50, C) audio -> faces."""
+        return self.decode(self.denoise(self.encode_condition(faces), audio), faces)
 
 
 class BypassModel:
-    """Returns the reference faces unchanged: proves crop, warp and paste-back geometry end to end."""
+    """The identity: every step hands the faces through, so the output is the reference faces.
+
+    Proves crop, warp and paste-back geometry end to end, with the real stages around it.
+    """
 
     def __init__(self, resolution: int):
         self.resolution = resolution
 
-    def generate(self, faces: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def encode_condition(self, faces: torch.Tensor) -> torch.Tensor:
+        return faces
+
+    def denoise(self, condition: torch.Tensor, audio: torch.Tensor,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        return condition
+
+    def decode(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         return faces

@@ -46,9 +46,12 @@ class DDIMSampler:
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
     def sample(self, denoiser: Denoiser, noise: torch.Tensor, condition: torch.Tensor,
-               audio: torch.Tensor) -> torch.Tensor:
+               audio: torch.Tensor, before_step: Callable | None = None) -> torch.Tensor:
+        """The DDIM loop; ``before_step(latents, t)`` may rewrite the latents before each step."""
         latents = noise * self.scheduler.init_noise_sigma
         for t in self.timesteps():
+            if before_step is not None:
+                latents = before_step(latents, t)
             eps = self.predict_noise(denoiser, latents, condition, audio, t)
             latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
         return latents

@@ -115,17 +115,18 @@ class WhisperEncoder(nn.Module):
         )
         self.ln_post = _LayerNorm(dims.n_audio_state)
 
-    def forward(self, mel: Tensor) -> Tensor:
+    def forward(self, mel: Tensor, position: int = 0) -> Tensor:
         """Stack [block-0 input, block-1 output, ...], all before ``ln_post``, on dim 1.
 
-        A window shorter than 2·n_audio_ctx mel frames uses the first rows of the positional
-        table; LatentSync itself always pads to the full 3000 frames (see ``encode_features``).
+        A window shorter than 2·n_audio_ctx mel frames uses rows ``position...`` of the positional
+        table: a streaming window can take the positions its rows would have had offline.
+        LatentSync itself always pads to the full 3000 frames (see ``encode_features``).
         """
         x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
-        if x.shape[1] > self.dims.n_audio_ctx:
-            raise ValueError(
-                f"mel has {mel.shape[-1]} frames; the encoder takes at most {2 * self.dims.n_audio_ctx}")
-        x = x + self.positional_embedding[: x.shape[1]]
+        if position + x.shape[1] > self.dims.n_audio_ctx:
+            raise ValueError(f"mel frames {2 * position}..{2 * position + mel.shape[-1]} exceed the "
+                             f"encoder's {2 * self.dims.n_audio_ctx}")
+        x = x + self.positional_embedding[position : position + x.shape[1]]
         layers = [x]
         for block in self.blocks:
             x = block(x)

@@ -30,7 +30,7 @@ def _extractor() -> FeatureExtractor:
     return FeatureExtractor(feature_size=80, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
 
 
-def _log10_mel(waveform: np.ndarray) -> np.ndarray:
+def log10_mel(waveform: np.ndarray) -> np.ndarray:
     """Whisper's log10 mel power before the floor: (80, len // 160).
 
     Same steps as ``FeatureExtractor.__call__`` (Hann window, centred reflect-padded STFT,
@@ -57,14 +57,24 @@ def log_mel(waveform_16k: np.ndarray, floor: Floor = "global") -> np.ndarray:
     once computed, never changes. It equals the global floor from the loudest frame onwards, and
     everywhere when the clip starts with its loudest frame.
     """
-    raw = _log10_mel(waveform_16k)
+    raw = log10_mel(waveform_16k)
     if floor == "global":
         ceiling = raw.max()
     elif floor == "running":
         ceiling = np.maximum.accumulate(raw.max(axis=0))
     else:
         raise ValueError(f"floor must be 'global' or 'running', got {floor!r}")
-    return (np.maximum(raw, ceiling - _DYNAMIC_RANGE) + 4.0) / 4.0
+    return normalise_mel(raw, ceiling)
+
+
+def normalise_mel(raw: np.ndarray, ceiling) -> np.ndarray:
+    """Whisper's floor (ceiling − 8) and (x + 4) / 4 scaling of a log10 mel."""
+    return ((np.maximum(raw, ceiling - _DYNAMIC_RANGE) + 4.0) / 4.0).astype(np.float32)
+
+
+def chunk_rows(frames: np.ndarray, fps: int = 25) -> np.ndarray:
+    """Absolute feature rows behind each frame index, (len(frames), 10), before any clamping."""
+    return np.asarray(frames, dtype=np.int64)[:, None] * FEATURE_RATE // fps + _CHUNK_OFFSETS
 
 
 def chunk_indices(n_feature_rows: int, n_frames: int, fps: int = 25) -> np.ndarray:
@@ -75,8 +85,7 @@ def chunk_indices(n_feature_rows: int, n_frames: int, fps: int = 25) -> np.ndarr
     """
     if n_feature_rows < 1:
         raise ValueError("need at least one feature row")
-    centres = np.arange(n_frames, dtype=np.int64) * FEATURE_RATE // fps
-    return np.clip(centres[:, None] + _CHUNK_OFFSETS, 0, n_feature_rows - 1)
+    return np.clip(chunk_rows(np.arange(n_frames), fps), 0, n_feature_rows - 1)
 
 
 def frame_count(n_feature_rows: int, fps: int = 25) -> int:

@@ -89,8 +89,10 @@ class FaceLandmarker:
         self._mesh.reset()
 
     def close(self) -> None:
-        self._mesh.close()
-        self._detector.close()
+        """Release the mediapipe graphs; safe to call again."""
+        for graph in (self._mesh, self._detector):
+            if graph._graph is not None:  # mediapipe raises on a second close
+                graph.close()
 
     def __enter__(self) -> FaceLandmarker:
         return self

@@ -31,5 +31,8 @@ class FaceTracking:
         return [FaceFrame(frame, self.aligner.align(frame.image, points))]
 
     def flush(self) -> list[FaceFrame]:
-        self.landmarker.close()
+        self.close()
         return []
+
+    def close(self) -> None:
+        self.landmarker.close()

@@ -14,11 +14,20 @@ import numpy as np
 
 @dataclass(slots=True)
 class VideoFrame:
-    """One decoded picture, RGB uint8 (H, W, 3), at output frame ``index``."""
+    """One decoded picture, RGB uint8 (H, W, 3), at output frame ``index``.
+
+    ``captured_at`` is the wall-clock (``time.monotonic``) moment a live frame was captured, and
+    ``marks`` the moment each stage finished with it: the latency accounting. Files leave both empty.
+    """
 
     index: int
     pts: float
     image: np.ndarray
+    captured_at: float | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def stamp(self, stage: str, now: float) -> None:
+        self.marks[stage] = now
 
 
 @dataclass(slots=True)
@@ -41,17 +50,32 @@ class FaceFrame:
     frame: VideoFrame
     face: AlignedFace | None
     audio: np.ndarray | None = None  # (50, 384) Whisper chunk for this frame
+    # How much of the generated mouth to show: 1 while speaking, 0 in silence (the original face),
+    # in between during the cross-fade at speech <-> silence transitions.
+    speech: float = 1.0
+
+    def stamp(self, stage: str, now: float) -> None:
+        self.frame.marks[stage] = now
 
 
 @dataclass(slots=True)
 class Window:
-    """Up to ``window_size`` consecutive frames that the model denoises together."""
+    """Up to ``window_size`` consecutive frames that the model denoises together.
+
+    ``frames[:first_new]`` were already emitted by earlier windows (context carried in the ring
+    buffer); ``frames[first_new:]`` are this window's output.
+    """
 
     frames: list[FaceFrame]
+    first_new: int = 0
 
     @property
-    def faces(self) -> list[FaceFrame]:
-        return [f for f in self.frames if f.face is not None]
+    def new_frames(self) -> list[FaceFrame]:
+        return self.frames[self.first_new :]
+
+    def stamp(self, stage: str, now: float) -> None:
+        for frame in self.new_frames:
+            frame.stamp(stage, now)
 
 
 @dataclass(slots=True)
@@ -60,6 +84,9 @@ class GeneratedFrame:
 
     source: FaceFrame
     mouth: np.ndarray | None
+
+    def stamp(self, stage: str, now: float) -> None:
+        self.source.stamp(stage, now)
 
 
 @dataclass(slots=True)

@@ -1,12 +1,26 @@
-"""The model stage: a window of aligned faces + audio chunks in, regenerated faces out."""
+"""The model stage: a window of aligned faces + audio chunks in, regenerated faces out.
+
+It owns the latent ring buffer. Each frame's VAE condition is encoded once, when the frame is new;
+its clean latents are kept after its window and handed to the next window as ``known`` context
+(``LipSyncModel.denoise`` inpaints the new frames in time around them). Only new frames are
+decoded. Entries leave the buffer when their frame drops out of the window.
+
+Two policies decide which frames skip the model, both counted:
+- silence: a frame whose ``speech`` weight is 0 keeps its original face;
+- lateness: when the newest frame of a window is already older than ``late_after`` seconds, the
+  whole window passes through, so a slow model never makes the stream fall further behind.
+"""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.lipsync import FaceGenerator
-from stream.frames import GeneratedFrame, Window
+from stream.frames import FaceFrame, GeneratedFrame, Window
 
 
 def faces_to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
@@ -20,23 +34,81 @@ def tensor_to_faces(faces: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-class Generation:
-    """Runs the model on the frames of a window that have a face; the others pass through."""
+@dataclass
+class _Latents:
+    condition: torch.Tensor  # (9, h, w)
+    clean: torch.Tensor | None = None  # (4, h, w) once denoised
 
+
+class Generation:
     name = "model"
 
-    def __init__(self, model: FaceGenerator):
+    def __init__(self, model: FaceGenerator, late_after: float | None = None, record: bool = False):
         self.model = model
+        self.late_after = late_after
+        # For the seam benchmark: every generated crop, and the first new frame of each window.
+        self.recorded: dict[int, np.ndarray] | None = {} if record else None
+        self.boundaries: set[int] = set()
+        self.frames_generated = 0
+        self.frames_late = 0
+        self.frames_silent = 0
+        self._ring: dict[int, _Latents] = {}
+
+    def _is_late(self, window: Window) -> bool:
+        newest = window.frames[-1].frame.captured_at
+        return (self.late_after is not None and newest is not None
+                and time.monotonic() - newest > self.late_after)
 
     def process(self, window: Window) -> list[GeneratedFrame]:
-        with_face = window.faces
+        active = [f for f in window.frames if f.face is not None and f.speech > 0]
+        new = {f.frame.index for f in window.new_frames}
+        self.frames_silent += sum(1 for f in window.new_frames if f.face is not None and f.speech == 0)
         mouths: dict[int, np.ndarray] = {}
-        if with_face:
-            faces = faces_to_tensor([f.face.image for f in with_face])
-            audio = torch.from_numpy(np.stack([f.audio for f in with_face]))
-            generated = tensor_to_faces(self.model.generate(faces, audio))
-            mouths = {f.frame.index: face for f, face in zip(with_face, generated)}
-        return [GeneratedFrame(f, mouths.get(f.frame.index)) for f in window.frames]
+        if any(f.frame.index in new for f in active):
+            if self._is_late(window):
+                self.frames_late += sum(1 for f in active if f.frame.index in new)
+            else:
+                mouths = self._generate(active, new)
+        self._forget_before(window.frames[0].frame.index)
+        return [GeneratedFrame(f, self._blend(f, mouths.get(f.frame.index))) for f in window.new_frames]
+
+    def _generate(self, active: list[FaceFrame], new: set[int]) -> dict[int, np.ndarray]:
+        uncached = [f for f in active if f.frame.index not in self._ring]
+        if uncached:
+            conditions = self.model.encode_condition(faces_to_tensor([f.face.image for f in uncached]))
+            for f, condition in zip(uncached, conditions):
+                self._ring[f.frame.index] = _Latents(condition)
+        entries = [self._ring[f.frame.index] for f in active]
+        known_count = 0
+        while known_count < len(entries) and entries[known_count].clean is not None \
+                and active[known_count].frame.index not in new:
+            known_count += 1
+        known = torch.stack([e.clean for e in entries[:known_count]]) if known_count else None
+        audio = torch.from_numpy(np.stack([f.audio for f in active]))
+        clean = self.model.denoise(torch.stack([e.condition for e in entries]), audio, known)
+        for entry, latents in zip(entries, clean):
+            entry.clean = latents
+        emitted = [i for i, f in enumerate(active) if f.frame.index in new]
+        faces = faces_to_tensor([active[i].face.image for i in emitted])
+        decoded = tensor_to_faces(self.model.decode(clean[emitted], faces))
+        self.frames_generated += len(emitted)
+        mouths = {active[i].frame.index: face for i, face in zip(emitted, decoded)}
+        if self.recorded is not None:
+            self.recorded.update(mouths)
+            self.boundaries.add(min(new))
+        return mouths
+
+    @staticmethod
+    def _blend(frame: FaceFrame, mouth: np.ndarray | None) -> np.ndarray | None:
+        if mouth is None or frame.speech >= 1:
+            return mouth
+        original = frame.face.image.astype(np.float32)
+        return np.rint(original + frame.speech * (mouth.astype(np.float32) - original)).astype(np.uint8)
+
+    def _forget_before(self, index: int) -> None:
+        for stale in [i for i in self._ring if i < index]:
+            del self._ring[stale]
 
     def flush(self) -> list[GeneratedFrame]:
+        self._ring.clear()
         return []

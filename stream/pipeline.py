@@ -70,12 +70,13 @@ class LipSync:
         generator = BypassModel(config["resolution"]) if bypass else models.generator
         return cls(config, generator, models.audio_encoder, torch_device)
 
-    def stages(self, audio: Stage, sink: Stage) -> list[Stage]:
+    def stages(self, audio: Stage, sink: Stage, stride: int | None = None,
+               late_after: float | None = None, record: bool = False) -> list[Stage]:
         return [
             FaceTracking(self.config["resolution"]),
             audio,
-            Windowing(self.config["window"]),
-            Generation(self.generator),
+            Windowing(self.config["window"], stride),
+            Generation(self.generator, late_after, record),
             PasteBack(),
             sink,
         ]

@@ -58,9 +58,11 @@ class Pipeline:
         self.stages = stages
         self.queue_size = queue_size
         self.times = StageTimes()
+        self.first_queue: asyncio.Queue | None = None  # a live source checks it to drop, not block
 
     async def run(self, source: AsyncIterator[Any] | Iterable[Any]) -> StageTimes:
         queues = [asyncio.Queue(self.queue_size) for _ in range(len(self.stages) + 1)]
+        self.first_queue = queues[0]
         executors = [ThreadPoolExecutor(1, thread_name_prefix=f"stage-{stage.name}")
                      for stage in self.stages]
         source_executor = ThreadPoolExecutor(1, thread_name_prefix="stage-source")
@@ -78,10 +80,14 @@ class Pipeline:
         return self.times
 
     async def _feed(self, source, outbox: asyncio.Queue, executor: ThreadPoolExecutor) -> None:
-        items = source if hasattr(source, "__aiter__") else iterate_in_thread(source, executor)
+        # A blocking iterator is a decoder: its time is work. An async one is a live source: its
+        # time is waiting for the world, so it is not counted.
+        live = hasattr(source, "__aiter__")
+        items = source if live else iterate_in_thread(source, executor)
         started = time.perf_counter()
         async for item in items:
-            self.times.add("decode", time.perf_counter() - started)
+            if not live:
+                self.times.add("decode", time.perf_counter() - started)
             await outbox.put(item)
             started = time.perf_counter()
         await outbox.put(END)
@@ -95,7 +101,10 @@ class Pipeline:
             started = time.perf_counter()
             results = await loop.run_in_executor(executor, *call)
             self.times.add(stage.name, time.perf_counter() - started, len(results))
+            now = time.monotonic()
             for result in results:
+                if hasattr(result, "stamp"):
+                    result.stamp(stage.name, now)
                 await outbox.put(result)
             if item is END:
                 await outbox.put(END)

@@ -1,4 +1,12 @@
-"""Where the stream is cut into the fixed-length windows the U-Net denoises together."""
+"""Where the stream is cut into the windows the U-Net denoises together: the ring buffer.
+
+Windows hold up to ``size`` frames (LatentSync: 16) and advance by ``stride`` frames. Each window
+is the ``stride`` newest frames plus the frames before them that fit, which earlier windows
+already emitted: the model sees them again as context (their latents are carried, see
+``stream/generation.py``) but only the new frames are output. ``stride == size`` gives upstream's
+independent windows. At the start of a stream windows grow (stride, 2·stride, ...) rather than
+waiting for ``size`` frames, so the first output is one stride away, not one window.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +14,24 @@ from stream.frames import FaceFrame, Window
 
 
 class Windowing:
-    """Groups consecutive frames into windows of ``size`` (LatentSync: 16); the last may be shorter."""
-
     name = "windows"
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 16, stride: int | None = None):
         self.size = size
-        self._pending: list[FaceFrame] = []
+        self.stride = stride or size
+        if not 1 <= self.stride <= size:
+            raise ValueError(f"stride must be in 1..{size}, got {stride}")
+        self._context: list[FaceFrame] = []
+        self._new: list[FaceFrame] = []
 
     def process(self, frame: FaceFrame) -> list[Window]:
-        self._pending.append(frame)
-        if len(self._pending) < self.size:
-            return []
-        return self.flush()
+        self._new.append(frame)
+        return self.flush() if len(self._new) == self.stride else []
 
     def flush(self) -> list[Window]:
-        window, self._pending = self._pending, []
-        return [Window(window)] if window else []
+        if not self._new:
+            return []
+        window = Window(self._context + self._new, first_new=len(self._context))
+        self._context = window.frames[-(self.size - self.stride):] if self.size > self.stride else []
+        self._new = []
+        return [window]

@@ -10,9 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import yaml
 
 from conftest import MEDIA, REPO
 from stream.compositing import paste_mask
+from stream.config import load_config
 from stream.face_alignment import FaceAligner
 from stream.face_landmarks import FaceLandmarker
 from transport.files import Mp4Writer, read_video
@@ -89,10 +91,15 @@ def test_issue_command_makes_a_playable_synced_mp4(tmp_path):
 
 
 def test_bypass_model_reproduces_the_input(tmp_path):
-    """Identity model: crop, warp, squash, paste-back and encode together lose almost nothing."""
+    """Identity model at LatentSync 1.5's 256 px crop: crop, warp, squash, paste-back and encode
+    together lose almost nothing."""
+    config = load_config("tiny")
+    config["resolution"] = 256
+    config_path = tmp_path / "tiny256.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "bypass.mp4"
     result = run_cli("file", "--video", str(SPEAKER), "--audio", str(speech_clip(tmp_path, 2.0)),
-                     "--out", str(out), "--bypass", "--quiet")
+                     "--out", str(out), "--bypass", "--quiet", "--config", str(config_path))
     assert result.returncode == 0, result.stderr
     produced = decode(out)
     original = source_frames(len(produced))
@@ -108,7 +115,7 @@ def test_tiny_model_leaves_pixels_outside_the_paste_mask_alone(tmp_path):
     assert result.returncode == 0, result.stderr
     produced = decode(out)
     original = source_frames(len(produced))
-    aligner = FaceAligner(128)
+    aligner = FaceAligner(load_config("tiny")["resolution"])
     inside_scores, outside_scores = [], []
     with FaceLandmarker() as landmarker:
         for made, source in zip(produced, original):

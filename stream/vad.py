@@ -1,0 +1,45 @@
+"""Voice activity for a live stream: faster-whisper's bundled Silero VAD, run chunk by chunk.
+
+faster-whisper runs Silero over a whole clip; a stream feeds it 32 ms at a time, carrying the
+model's recurrent state and its 64-sample left context between calls, which is the same
+computation split in time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from faster_whisper.vad import get_vad_model
+
+CHUNK = 512  # samples at 16 kHz the model takes per step
+CONTEXT = 64
+
+
+class StreamingVad:
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+        self._model = get_vad_model()
+        self._state = (np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self.probabilities: list[float] = []  # one per 32 ms chunk since the stream began
+
+    def push(self, samples_16k: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, samples_16k.astype(np.float32)])
+        whole = len(self._pending) // CHUNK * CHUNK
+        if not whole:
+            return
+        chunks = self._pending[:whole].reshape(-1, CHUNK)
+        self._pending = self._pending[whole:]
+        h, c = self._state
+        for chunk in chunks:
+            batch = np.concatenate([self._context, chunk])[None]
+            output, h, c = self._model.session.run(None, {"input": batch, "h": h, "c": c})
+            self.probabilities.append(float(np.asarray(output).reshape(-1)[0]))
+            self._context = chunk[-CONTEXT:]
+        self._state = (h, c)
+
+    def speaking(self, start_s: float, end_s: float) -> bool:
+        """Whether any chunk overlapping [start_s, end_s) is speech."""
+        first = max(0, int(start_s * 16000) // CHUNK)
+        last = int(np.ceil(end_s * 16000 / CHUNK))
+        return any(p >= self.threshold for p in self.probabilities[first:last])
