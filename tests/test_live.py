@@ -205,6 +205,6 @@ def test_silence_leaves_frames_untouched(lipsync, speech):
     for out in outputs:
         if 1.4 <= out.frame.pts <= 2.8:
             i = out.frame.index
-            assert any(np.array_equal(out.frame.image, originals[j]) for j in range(i - 4, i + 1)), i
+            assert any(np.array_equal(out.frame.image, originals[j]) for j in range(i - 3, i + 1)), i
     generated = session.stages[3].frames_generated
     assert 0 < generated < 100 - 25

@@ -19,9 +19,10 @@ async def play_live(session: LiveSession, frames: Iterable[VideoFrame], audio: n
     """Push ``frames`` and (channels, n) ``audio`` into ``session`` in real time, then end it."""
     block = int(rate * AUDIO_BLOCK_SECONDS)
     pushed = 0
-    start = time.monotonic()
+    start = None  # the clock starts with the first picture, not before the decoder has opened
     pictures = iter(frames)
     while (frame := await asyncio.to_thread(next, pictures, None)) is not None:  # decode off the loop
+        start = start if start is not None else time.monotonic() - frame.index / fps
         delay = start + frame.index / fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
