@@ -1,8 +1,11 @@
-"""Shared test paths: the repo sits beside ../shared (media and parity fixtures)."""
+"""Shared test paths (the repo sits beside ../shared: media and parity fixtures) and fixtures."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -18,3 +21,22 @@ def media() -> Path:
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def two_threads():
+    """The machine's two cores, whatever torch guessed: numerics and timings as CI sees them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def whisper_io(fixtures) -> dict:
+    return load_file(fixtures / "whisper_feature_io.safetensors")
+
+
+@pytest.fixture(scope="session")
+def whisper_summary(fixtures) -> dict:
+    return json.loads((fixtures / "whisper_feature_summary.json").read_text())

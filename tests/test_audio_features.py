@@ -1,29 +1,17 @@
 """Log-mel and per-frame chunking against the LatentSync fixtures (README section C)."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
 import torch
 from faster_whisper.feature_extractor import FeatureExtractor
-from safetensors.numpy import load_file
 
 from stream.audio_features import chunk_indices, feature_chunks, frame_count, log_mel
 
 # Our STFT is faster-whisper's (numpy, float64 FFT); the fixture's is torch.stft (float32 FFT).
 # They differ in the last bits of near-silent bins: measured max |Δ| 5.0e-5 on values in [-0.56, 1.44].
 MEL_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def stored(fixtures):
-    return load_file(fixtures / "whisper_feature_io.safetensors")
-
-
-@pytest.fixture(scope="module")
-def summary(fixtures):
-    return json.loads((fixtures / "whisper_feature_summary.json").read_text())
 
 
 def upstream_chunk_count(n_rows: int, fps: int) -> int:
@@ -36,9 +24,9 @@ def upstream_chunk_count(n_rows: int, fps: int) -> int:
             return i
 
 
-def test_chunk_indices_match_fixture(stored):
-    assert np.array_equal(chunk_indices(100, 52), stored["chunk_indices"])
-    assert frame_count(100) == 52 == len(stored["chunk_indices"])
+def test_chunk_indices_match_fixture(whisper_io):
+    assert np.array_equal(chunk_indices(100, 52), whisper_io["chunk_indices"])
+    assert frame_count(100) == 52 == len(whisper_io["chunk_indices"])
 
 
 @pytest.mark.parametrize("fps", [25, 30])
@@ -50,23 +38,23 @@ def test_frame_count_and_centres_follow_upstream(fps):
     assert frame_count(100) == 100 // 2 + 2
 
 
-def test_chunks_from_stored_features_are_exact(stored, summary):
-    features = stored["whisper_feature"]
+def test_chunks_from_stored_features_are_exact(whisper_io, whisper_summary):
+    features = whisper_io["whisper_feature"]
     chunks = feature_chunks(features, frame_count(len(features)))
     assert chunks.shape == (52, 50, 384)
-    assert hashlib.sha256(chunks.astype("<f4").tobytes()).hexdigest() == summary["chunks"]["sha256_fp32"]
+    assert hashlib.sha256(chunks.astype("<f4").tobytes()).hexdigest() == whisper_summary["chunks"]["sha256_fp32"]
     # time-major: token k is row k // 5, layer k % 5
-    rows = stored["chunk_indices"][7]
+    rows = whisper_io["chunk_indices"][7]
     assert np.array_equal(chunks[7, 13], features[rows[13 // 5], 13 % 5])
     assert torch.equal(feature_chunks(torch.from_numpy(features), 52), torch.from_numpy(chunks))
 
 
-def test_global_log_mel_matches_fixture(stored):
-    mel = log_mel(stored["waveform"])
+def test_global_log_mel_matches_fixture(whisper_io):
+    mel = log_mel(whisper_io["waveform"])
     assert mel.shape == (80, 200) and mel.dtype == np.float32
-    np.testing.assert_allclose(mel, stored["log_mel"], rtol=0, atol=MEL_ATOL)
+    np.testing.assert_allclose(mel, whisper_io["log_mel"], rtol=0, atol=MEL_ATOL)
     # and it is faster-whisper's own output when that is not padded on the right
-    assert np.array_equal(mel, FeatureExtractor()(stored["waveform"], padding=0))
+    assert np.array_equal(mel, FeatureExtractor()(whisper_io["waveform"], padding=0))
 
 
 def decaying_burst_then(waveform: np.ndarray) -> np.ndarray:
@@ -79,15 +67,15 @@ def decaying_burst_then(waveform: np.ndarray) -> np.ndarray:
     return np.concatenate([ping, waveform]).astype(np.float32)
 
 
-def test_running_floor_equals_global_when_loudest_frame_is_first(stored):
-    waveform = decaying_burst_then(stored["waveform"])
+def test_running_floor_equals_global_when_loudest_frame_is_first(whisper_io):
+    waveform = decaying_burst_then(whisper_io["waveform"])
     global_mel = log_mel(waveform, "global")
     assert global_mel.max(axis=0).argmax() == 0  # the premise: frame 0 is the loudest
     assert np.array_equal(log_mel(waveform, "running"), global_mel)
 
 
-def test_running_floor_never_uses_future_audio(stored):
-    waveform = np.concatenate([np.zeros(8000, np.float32), stored["waveform"]])
+def test_running_floor_never_uses_future_audio(whisper_io):
+    waveform = np.concatenate([np.zeros(8000, np.float32), whisper_io["waveform"]])
     cut = 16000
     louder_future = waveform.copy()
     louder_future[cut:] = np.cos(2 * np.pi * 440 * np.arange(len(waveform) - cut) / 16000)  # 2x the chirp
@@ -102,8 +90,8 @@ def test_running_floor_never_uses_future_audio(stored):
     assert not np.array_equal(moved, log_mel(waveform, "global")[:, :settled])
 
 
-def test_running_floor_differs_only_before_the_loudest_frame(stored):
-    waveform = np.concatenate([np.zeros(8000, np.float32), stored["waveform"]])
+def test_running_floor_differs_only_before_the_loudest_frame(whisper_io):
+    waveform = np.concatenate([np.zeros(8000, np.float32), whisper_io["waveform"]])
     global_mel, running_mel = log_mel(waveform, "global"), log_mel(waveform, "running")
     loudest = global_mel.max(axis=0).argmax()
     assert np.array_equal(running_mel[:, loudest:], global_mel[:, loudest:])
@@ -111,6 +99,6 @@ def test_running_floor_differs_only_before_the_loudest_frame(stored):
     assert running_mel[:, 0].max() < global_mel.min()
 
 
-def test_log_mel_rejects_unknown_floor(stored):
+def test_log_mel_rejects_unknown_floor(whisper_io):
     with pytest.raises(ValueError, match="floor"):
-        log_mel(stored["waveform"], "peak")
+        log_mel(whisper_io["waveform"], "peak")

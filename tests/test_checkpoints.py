@@ -12,14 +12,6 @@ from models.unet import UNet3DConditionModel
 ATOL = RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_config(fixtures) -> dict:
     return json.loads((fixtures / "tiny_unet_config.json").read_text())["model_config"]

@@ -19,14 +19,6 @@ def unet_config(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())["unet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_config(fixtures) -> dict:
     return json.loads((fixtures / "tiny_unet_config.json").read_text())

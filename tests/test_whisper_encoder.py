@@ -1,18 +1,16 @@
 """The Whisper encoder against the LatentSync fixtures, OpenAI's checkpoint format and openai-whisper."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file
 
 from models.whisper_encoder import WhisperDims, WhisperEncoder, load_openai_checkpoint, seeded_encoder
 from stream.audio_features import log_mel
 
-FEATURE_ATOL = 1e-4  # measured: 3.8e-6 from the stored mel, 9.7e-6 from the waveform
+FEATURE_ATOL = 1e-4  # measured: 3.8e-6 from the whisper_io mel, 9.7e-6 from the waveform
 
 
 def state_sha256(module: torch.nn.Module) -> str:
@@ -25,24 +23,14 @@ def state_sha256(module: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="module")
-def stored(fixtures):
-    return load_file(fixtures / "whisper_feature_io.safetensors")
+def encoder(whisper_summary):
+    return seeded_encoder(WhisperDims.from_dict(whisper_summary["whisper_dims"]), seed=0)
 
 
 @pytest.fixture(scope="module")
-def summary(fixtures):
-    return json.loads((fixtures / "whisper_feature_summary.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def encoder(summary):
-    return seeded_encoder(WhisperDims.from_dict(summary["whisper_dims"]), seed=0)
-
-
-@pytest.fixture(scope="module")
-def padded_mel(stored):
-    """The stored mel as LatentSync feeds it: one (1, 80, 3000) zero-padded segment."""
-    return F.pad(torch.from_numpy(stored["log_mel"]), (0, 2800))[None]
+def padded_mel(whisper_io):
+    """The whisper_io mel as LatentSync feeds it: one (1, 80, 3000) zero-padded segment."""
+    return F.pad(torch.from_numpy(whisper_io["log_mel"]), (0, 2800))[None]
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +39,17 @@ def layers(encoder, padded_mel):
         return encoder(padded_mel)
 
 
-def test_seeded_encoder_reproduces_fixture_weights(encoder, summary):
+def test_seeded_encoder_reproduces_fixture_weights(encoder, whisper_summary):
     names_shapes = [[name, list(p.shape)] for name, p in encoder.named_parameters()]
-    assert names_shapes == summary["encoder_parameter_order"]
-    assert state_sha256(encoder) == summary["encoder_state_dict_sha256"]
+    assert names_shapes == whisper_summary["encoder_parameter_order"]
+    assert state_sha256(encoder) == whisper_summary["encoder_state_dict_sha256"]
 
 
-def test_seeded_encoder_leaves_global_rng_alone(summary):
+def test_seeded_encoder_leaves_global_rng_alone(whisper_summary):
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    seeded_encoder(WhisperDims.from_dict(summary["whisper_dims"]))
+    seeded_encoder(WhisperDims.from_dict(whisper_summary["whisper_dims"]))
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -69,9 +57,9 @@ def test_forward_returns_five_pre_ln_post_layers(layers):
     assert layers.shape == (1, 5, 1500, 384)
 
 
-def test_features_match_fixture(encoder, stored):
-    reference = stored["whisper_feature"]
-    for mel in (stored["log_mel"], log_mel(stored["waveform"])):
+def test_features_match_fixture(encoder, whisper_io):
+    reference = whisper_io["whisper_feature"]
+    for mel in (whisper_io["log_mel"], log_mel(whisper_io["waveform"])):
         features = encoder.encode_features(torch.from_numpy(mel)).numpy()
         assert features.shape == (100, 5, 384)
         error = np.abs(features - reference).max()
@@ -95,33 +83,33 @@ def test_encode_features_walks_30s_segments_like_upstream():
     assert encoder.encode_features(mel[:, :0]).shape == (0, 3, 64)
 
 
-def openai_checkpoint(encoder: WhisperEncoder, summary: dict, dtype=torch.float32) -> dict:
+def openai_checkpoint(encoder: WhisperEncoder, whisper_summary: dict, dtype=torch.float32) -> dict:
     """What OpenAI's tiny.pt holds: full dims plus encoder and decoder weights."""
     state = {"encoder." + k: v.to(dtype) for k, v in encoder.state_dict().items()}
     state["decoder.token_embedding.weight"] = torch.zeros(16, 384, dtype=dtype)
     state["decoder.positional_embedding"] = torch.zeros(448, 384, dtype=dtype)
-    return {"dims": dict(summary["whisper_dims"]), "model_state_dict": state}
+    return {"dims": dict(whisper_summary["whisper_dims"]), "model_state_dict": state}
 
 
-def test_openai_checkpoint_loads_and_reproduces_features(encoder, summary, padded_mel, layers, tmp_path):
+def test_openai_checkpoint_loads_and_reproduces_features(encoder, whisper_summary, padded_mel, layers, tmp_path):
     path = tmp_path / "tiny.pt"
-    torch.save(openai_checkpoint(encoder, summary), path)
+    torch.save(openai_checkpoint(encoder, whisper_summary), path)
     loaded = load_openai_checkpoint(path)
     assert loaded.dims == encoder.dims
-    assert state_sha256(loaded) == summary["encoder_state_dict_sha256"]
+    assert state_sha256(loaded) == whisper_summary["encoder_state_dict_sha256"]
     with torch.inference_mode():
         assert torch.equal(loaded(padded_mel), layers)
 
 
-def test_float16_checkpoint_is_upcast(encoder, summary, tmp_path):
+def test_float16_checkpoint_is_upcast(encoder, whisper_summary, tmp_path):
     path = tmp_path / "tiny.pt"
-    torch.save(openai_checkpoint(encoder, summary, torch.float16), path)
+    torch.save(openai_checkpoint(encoder, whisper_summary, torch.float16), path)
     loaded = load_openai_checkpoint(path)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert torch.equal(loaded.conv1.weight, encoder.conv1.weight.half().float())
 
 
-def test_bad_checkpoints_fail_clearly(encoder, summary, tmp_path):
+def test_bad_checkpoints_fail_clearly(encoder, whisper_summary, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
@@ -132,20 +120,20 @@ def test_bad_checkpoints_fail_clearly(encoder, summary, tmp_path):
     with pytest.raises(ValueError, match="not an OpenAI Whisper checkpoint"):
         load_openai_checkpoint(bare)
 
-    wrong_dims = openai_checkpoint(encoder, summary)
+    wrong_dims = openai_checkpoint(encoder, whisper_summary)
     wrong_dims["dims"]["n_audio_state"] = 512
     torch.save(wrong_dims, tmp_path / "wrong_dims.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_openai_checkpoint(tmp_path / "wrong_dims.pt")
 
-    missing = openai_checkpoint(encoder, summary)
+    missing = openai_checkpoint(encoder, whisper_summary)
     del missing["model_state_dict"]["encoder.blocks.3.mlp.2.bias"]
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="blocks.3.mlp.2.bias"):
         load_openai_checkpoint(tmp_path / "missing.pt")
 
 
-def test_matches_openai_whisper(encoder, stored, padded_mel, layers):
+def test_matches_openai_whisper(encoder, whisper_io, padded_mel, layers):
     whisper = pytest.importorskip("whisper")
     dims = encoder.dims
     theirs = whisper.model.AudioEncoder(
@@ -163,5 +151,5 @@ def test_matches_openai_whisper(encoder, stored, padded_mel, layers):
     # Both use SDPA the same way: measured bit-identical with openai-whisper 20250625.
     torch.testing.assert_close(layers, torch.stack(captured, dim=1), rtol=0, atol=1e-5)
 
-    their_mel = whisper.log_mel_spectrogram(torch.from_numpy(stored["waveform"])).numpy()
-    np.testing.assert_allclose(log_mel(stored["waveform"]), their_mel, rtol=0, atol=1e-4)
+    their_mel = whisper.log_mel_spectrogram(torch.from_numpy(whisper_io["waveform"])).numpy()
+    np.testing.assert_allclose(log_mel(whisper_io["waveform"]), their_mel, rtol=0, atol=1e-4)
