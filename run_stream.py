@@ -182,7 +182,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
     import asyncio
 
     stats, session, audio_out = run_async(run())
-    generation = session.stages[3]
+    generation = session.generation
     region = mouth_mask(config["resolution"]) < 0.5
     seams = seam_ratio(generation.recorded, generation.boundaries, region)
     # The output audio against the input, by cross-correlation: how far the audio that left with
@@ -193,7 +193,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
             "steps": config["sampler"]["steps"], "frames_in": n_frames,
             "seam_ratio": round(seams, 3) if seams else None,
             "av_offset_ms": round(1000 * lag / OUTPUT_AUDIO_RATE, 2),
-            "frames_without_face": session.stages[0].frames_without_face,
+            "frames_without_face": session.face_tracking.frames_without_face,
             "seconds": round(n_frames / fps, 2)}
 
 

@@ -27,7 +27,9 @@ import av
 import numpy as np
 
 from stream.audio_stream import StreamingAudio
+from stream.face_tracking import FaceTracking
 from stream.frames import VideoFrame
+from stream.generation import Generation
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
 from stream.runner import Pipeline
@@ -150,6 +152,8 @@ class LiveSession:
         self.latency = LatencyLog()
         self._av_offsets: collections.deque[float] = collections.deque(maxlen=1000)
         self.stages: list = []
+        self.generation: Generation | None = None
+        self.face_tracking: FaceTracking | None = None
         self._task: asyncio.Task | None = None
         self.error: BaseException | None = None
 
@@ -183,6 +187,8 @@ class LiveSession:
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._sink = _OutputSink(loop, self._outputs, limit=4 * self.fps)
         self.stages = self.lipsync.stages(self._audio_stage, self._sink, **self._options)
+        self.generation: Generation = LipSync.find(self.stages, Generation)
+        self.face_tracking: FaceTracking = LipSync.find(self.stages, FaceTracking)
         self._pipeline = Pipeline(self.stages, self._queue_size)
         self._started_at = time.monotonic()
         self._task = asyncio.create_task(self._pipeline.run(self._ticks()))
@@ -254,7 +260,7 @@ class LiveSession:
         return LiveOutput(frame, audio)
 
     def stats(self) -> dict:
-        generation = self.stages[3] if self.stages else None
+        generation = self.generation
         elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
         times = self._pipeline.times if self.stages else None
         frames = max(self.frames_out, 1)

@@ -70,6 +70,11 @@ class LipSync:
         generator = BypassModel(config["resolution"]) if bypass else models.generator
         return cls(config, generator, models.audio_encoder, torch_device)
 
+    @staticmethod
+    def find(stages: list[Stage], kind: type) -> Any:
+        """The stage of that class in a pipeline built by ``stages``."""
+        return next(stage for stage in stages if isinstance(stage, kind))
+
     def stages(self, audio: Stage, sink: Stage, stride: int | None = None,
                late_after: float | None = None, record: bool = False) -> list[Stage]:
         return [
@@ -87,7 +92,6 @@ class LipSync:
         stages = self.stages(AttachAudio(self.audio_encoder, waveform_16k, n_frames), sink)
         started = time.perf_counter()
         times = await Pipeline(stages).run(frames)
-        face_stage: FaceTracking = stages[0]
         return Summary(self.config["name"], str(self.device), times.items.get(PasteBack.name, 0),
-                       face_stage.frames_without_face, time.perf_counter() - started,
+                       self.find(stages, FaceTracking).frames_without_face, time.perf_counter() - started,
                        dict(times.seconds))

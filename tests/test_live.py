@@ -188,7 +188,7 @@ def test_queues_stay_bounded_when_the_model_is_slow(lipsync, speech):
     assert stats["late_frames"] > 0
     assert len(outputs) + stats["dropped_ticks"] >= 120
     assert stats["latency_ms"]["p95"] < 2000
-    assert len(session.stages[3]._ring) <= 16
+    assert len(session.generation._ring) <= 16
     assert [o.frame.index for o in outputs] == sorted(o.frame.index for o in outputs)
 
 
@@ -197,7 +197,7 @@ def test_silence_leaves_frames_untouched(lipsync, speech):
     audio[:, int(1.0 * 48000) : int(3.0 * 48000)] = 0  # two seconds of silence
     stats, outputs, session = play(lipsync, 4.0, audio, record=True)
     assert stats["silent_frames"] > 20
-    generated = session.stages[3].recorded
+    generated = session.generation.recorded
     assert generated and not [i for i in generated if 1.4 <= i / 25 <= 2.8]
     originals = {f.index: f.image for f in itertools.islice(read_video(SPEAKER, 25), 100)}
     # Well inside the silence (past the VAD's reach and the fade), frames are the originals: the
@@ -206,5 +206,5 @@ def test_silence_leaves_frames_untouched(lipsync, speech):
         if 1.4 <= out.frame.pts <= 2.8:
             i = out.frame.index
             assert any(np.array_equal(out.frame.image, originals[j]) for j in range(i - 3, i + 1)), i
-    generated = session.stages[3].frames_generated
+    generated = session.generation.frames_generated
     assert 0 < generated < 100 - 25
