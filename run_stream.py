@@ -38,6 +38,9 @@ def _arguments() -> argparse.ArgumentParser:
         command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
         command.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                              help="model dtype; auto = bf16/fp16 on CUDA, fp32 on CPU")
+        command.add_argument("--vae", choices=["kl", "tiny"], default="kl",
+                             help="kl: the config's VAE (SD's, as upstream); tiny: TAESD, faster (official "
+                                  "configs only)")
         command.add_argument("--checkpoints", metavar="DIR",
                              help="official weights in LatentSync's layout: DIR/latentsync_unet.pt, "
                                   "DIR/whisper/tiny.pt, DIR/vae/ (default: the hub cache, see `download`)")
@@ -74,15 +77,17 @@ def _arguments() -> argparse.ArgumentParser:
                     "be reached it says at once which files are missing and where to put them.")
     download.add_argument("config", help="a config name (latentsync-1.5, latentsync-1.6) or YAML path")
     download.add_argument("--cache-dir", help="hub cache folder (default: huggingface_hub's, HF_HOME)")
+    download.add_argument("--vae", choices=["kl", "tiny"], default="kl",
+                          help="which VAE to fetch: kl = sd-vae-ft-mse (default), tiny = TAESD")
     return parser
 
 
 def _download(args: argparse.Namespace) -> None:
-    from stream.config import ConfigError, load_config
+    from stream.config import ConfigError, load_config, with_vae
     from models.weights import WeightsUnavailable, from_hub
 
     try:
-        config = load_config(args.config)
+        config = with_vae(load_config(args.config), args.vae)
         if config.get("weights", {}).get("source") != "hub":
             raise UserError(f"config {config['name']!r} uses seeded weights: nothing to download")
         files = from_hub(config, args.cache_dir)
@@ -93,13 +98,13 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
-    from stream.config import ConfigError, load_config
+    from stream.config import ConfigError, load_config, with_vae
     from transport.files import (FEATURE_RATE, OUTPUT_AUDIO_RATE, MediaError, Mp4Sink, fit_audio,
                                  output_frame_count, ping_pong, probe, read_audio, read_video)
     from models.weights import WeightsUnavailable
 
     try:
-        config = load_config(args.config)
+        config = with_vae(load_config(args.config), args.vae)
         video = probe(args.video)
         if not video.has_video:
             raise UserError(f"{args.video}: no video stream (to drive a still portrait, use an image avatar)")
@@ -139,7 +144,7 @@ def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
 def _bench_live(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from stream.config import ConfigError, load_config
+    from stream.config import ConfigError, load_config, with_vae
     from stream.live import LiveSession
     from stream.mouth_mask import mouth_mask
     from stream.pipeline import LipSync
@@ -150,7 +155,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
     from transport.paced_file import play_live
 
     try:
-        config = load_config(args.config)
+        config = with_vae(load_config(args.config), args.vae)
         if args.steps:
             config["sampler"]["steps"] = args.steps
         if not probe(args.video).has_video:

@@ -34,3 +34,12 @@ def load_config(name_or_path: str | Path) -> dict:
         raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
     config.setdefault("name", path.stem)
     return config
+
+
+def with_vae(config: dict, choice: str) -> dict:
+    """``kl`` keeps the config's VAE; ``tiny`` swaps in its ``tiny_vae`` section (TAESD)."""
+    if choice == "kl":
+        return config
+    if choice != "tiny" or "tiny_vae" not in config:
+        raise ConfigError(f"config {config['name']!r} has no {choice!r} VAE")
+    return {**config, "vae": config["tiny_vae"]}

@@ -36,6 +36,8 @@ def test_download_without_a_hub_fails_fast_naming_every_file(name, tmp_path):
         assert expected in message
     offline = run_cli("download", name, "--cache-dir", str(tmp_path), HF_HUB_OFFLINE="1")
     assert offline.returncode == 2 and "HF_HUB_OFFLINE" in offline.stderr
+    taesd = run_cli("download", name, "--vae", "tiny", "--cache-dir", str(tmp_path), HF_HUB_OFFLINE="1")
+    assert taesd.returncode == 2 and "madebyollin/taesd" in taesd.stderr
 
 
 @pytest.fixture(scope="module")
