@@ -3,6 +3,7 @@
 
     python run_stream.py file  --video V --audio A --out out.mp4 --config tiny
     python run_stream.py bench --video V --audio A --config tiny --json bench.json
+    python run_stream.py serve --config tiny --avatar PORTRAIT.png   (then open http://127.0.0.1:8080/)
 """
 
 from __future__ import annotations
@@ -79,7 +80,64 @@ def _arguments() -> argparse.ArgumentParser:
     download.add_argument("--cache-dir", help="hub cache folder (default: huggingface_hub's, HF_HOME)")
     download.add_argument("--vae", choices=["kl", "tiny"], default="kl",
                           help="which VAE to fetch: kl = sd-vae-ft-mse (default), tiny = TAESD")
+
+    serve = commands.add_parser(
+        "serve", help="serve the page and WebRTC sessions: camera or avatar, driven by the microphone",
+        description="Serve a page (GET /) and WebRTC signalling (POST /offer). Each browser session "
+                    "gets its face (or an avatar) lip-synced to its microphone. ICE options: see the "
+                    "README's 'Serving over WebRTC'.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="HTTP port (default: 8080)")
+    serve.add_argument("--config", default="tiny", help="a config name or YAML path (default: tiny)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--vae", choices=["kl", "tiny"], default="kl", help="as for `file` (default: kl)")
+    serve.add_argument("--checkpoints", metavar="DIR", help="official weights (see `file --help`)")
+    serve.add_argument("--max-sessions", type=int, default=4,
+                       help="live sessions at once; past it /offer answers 503 (default: 4)")
+    serve.add_argument("--avatar", metavar="PATH",
+                       help="the default avatar: a portrait (png/jpeg/webp) or a clip (mp4/webm/mov) "
+                            "with a face; without it, avatar mode needs an upload from the page")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0,
+                       help="largest avatar upload (default: 20)")
+    serve.add_argument("--ice-host", action="append", default=[], metavar="IP",
+                       help="offer ICE host candidates on this address only (repeatable; default: every "
+                            "non-loopback address; 127.0.0.1 for loopback-only)")
+    serve.add_argument("--stun", action="append", default=[], metavar="URL",
+                       help="STUN server, stun:HOST[:PORT] (repeatable; default: none)")
+    serve.add_argument("--turn", action="append", default=[], metavar="URL",
+                       help="TURN server, turn:HOST[:PORT][?transport=udp|tcp] or turns:... (repeatable)")
+    serve.add_argument("--turn-user", help="TURN username")
+    serve.add_argument("--turn-password", help="TURN password")
+    serve.add_argument("--udp-ports", metavar="A-B",
+                       help="bind the media sockets inside this UDP port range (default: any port)")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from models.weights import WeightsUnavailable
+    from stream.config import ConfigError, load_config, with_vae
+    from stream.pipeline import LipSync
+    from transport.server import BadInput, ServeSettings, serve
+    from transport.webrtc import IceSettings, parse_port_range
+
+    try:
+        ice = IceSettings(hosts=tuple(args.ice_host), stun=tuple(args.stun), turn=tuple(args.turn),
+                          turn_username=args.turn_user, turn_password=args.turn_password,
+                          udp_ports=parse_port_range(args.udp_ports) if args.udp_ports else None)
+        if args.max_sessions < 1:
+            raise UserError("--max-sessions must be at least 1")
+        lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
+                                      args.precision, checkpoints=args.checkpoints)
+    except (ValueError, ConfigError, WeightsUnavailable) as exc:
+        raise UserError(str(exc).replace("\n", " ")) from None
+    try:
+        serve(lipsync, ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
+                                     args.avatar, ice))
+    except BadInput as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # the port is taken, the address is not ours...
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -245,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             result = _run_file(args, args.out, progress=not args.quiet)
             print(f"wrote {args.out}")
             _print_table(result)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "download":
             _download(args)
         elif args.command == "bench" and args.live:

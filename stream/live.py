@@ -144,13 +144,14 @@ class LiveSession:
         self._ending = False
         self._closed = False
         self._anchor: float | None = None
-        self._started_at: float | None = None
         self._first_output_at: float | None = None
+        self._last_output_at: float | None = None
         self.frames_out = 0
         self.clock_slips = 0
         self.dropped_ticks = 0
         self.latency = LatencyLog()
         self._av_offsets: collections.deque[float] = collections.deque(maxlen=1000)
+        self._needed_delay: collections.deque[float] = collections.deque(maxlen=50)
         self.stages: list = []
         self.generation: Generation | None = None
         self.face_tracking: FaceTracking | None = None
@@ -190,7 +191,6 @@ class LiveSession:
         self.generation: Generation = LipSync.find(self.stages, Generation)
         self.face_tracking: FaceTracking = LipSync.find(self.stages, FaceTracking)
         self._pipeline = Pipeline(self.stages, self._queue_size)
-        self._started_at = time.monotonic()
         self._task = asyncio.create_task(self._pipeline.run(self._ticks()))
         self._task.add_done_callback(self._pipeline_ended)
 
@@ -237,14 +237,15 @@ class LiveSession:
                 raise RuntimeError(f"live pipeline failed: {self.error!r}") from self.error
             return None
         now = time.monotonic()
+        self._needed_delay.append(now - frame.pts)
         if self._anchor is None:
             self._anchor = now - frame.pts
+        # The playout delay follows what recent frames needed (their 90th percentile), so one slow
+        # window costs a slip, not a permanently higher latency.
+        target = float(np.percentile(self._needed_delay, 90))
+        if self._anchor > target + 1.0 / self.fps:
+            self._anchor -= 0.2 * (self._anchor - target)
         due = self._anchor + frame.pts
-        if due - now > 2.0 / self.fps:
-            # Frames keep arriving early (the pipeline caught up after a slip): bring the clock
-            # forward a little each frame instead of holding the extra delay forever.
-            self._anchor -= 0.1 * (due - now - 1.0 / self.fps)
-            due = self._anchor + frame.pts
         if due > now:
             await asyncio.sleep(due - now)
         elif now - due > 1.0 / self.fps:
@@ -252,6 +253,7 @@ class LiveSession:
             self.clock_slips += 1
         emitted = time.monotonic()
         self._first_output_at = self._first_output_at or emitted
+        self._last_output_at = emitted
         self.frames_out += 1
         if frame.captured_at is not None:
             self.latency.record(frame.captured_at, frame.marks, emitted)
@@ -261,7 +263,6 @@ class LiveSession:
 
     def stats(self) -> dict:
         generation = self.generation
-        elapsed = time.monotonic() - self._started_at if self._started_at else 0.0
         times = self._pipeline.times if self.stages else None
         frames = max(self.frames_out, 1)
         return {
@@ -269,7 +270,9 @@ class LiveSession:
             "device": str(self.lipsync.device),
             "frames_out": self.frames_out,
             "frames_generated": generation.frames_generated if generation else 0,
-            "fps": round(self.frames_out / elapsed, 2) if elapsed else 0.0,
+            # Output rate once frames flow: start-up is time to first frame, reported on its own.
+            "fps": round((self.frames_out - 1) / (self._last_output_at - self._first_output_at), 2)
+            if self.frames_out > 1 and self._last_output_at > self._first_output_at else 0.0,
             **self.latency.summary(),
             "ttff_ms": round(1000 * (self._first_output_at - self._t0), 1)
             if self._first_output_at and self._t0 else None,

@@ -1,0 +1,211 @@
+"""Test media made at test time, and a lipstream server running in a background thread.
+
+Everything stays on loopback: the server offers 127.0.0.1 host candidates only (aioice skips
+loopback unless told, see ``IceSettings.hosts``) and no STUN/TURN server is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from aiohttp import web
+from aiortc.mediastreams import MediaStreamTrack
+
+from stream.config import load_config
+from stream.pipeline import LipSync
+from transport.server import LipstreamServer, ServeSettings
+from transport.webrtc import IceSettings
+
+LOOPBACK_ICE = IceSettings(hosts=("127.0.0.1",))
+# (width, height): small enough for 2 cores to decode, lip-sync and re-encode at 25 fps.
+CAMERA_SIZE = (360, 640)
+
+
+def make_camera_files(source: Path, folder: Path, seconds: float = 6.0,
+                      size: tuple[int, int] = CAMERA_SIZE) -> tuple[Path, Path]:
+    """A .y4m (what Chromium's fake camera plays) and a 48 kHz .wav (its fake microphone) from a clip."""
+    y4m, wav = folder / "camera.y4m", folder / "microphone.wav"
+    frames = int(seconds * 25)
+    with av.open(str(source)) as container, av.open(str(y4m), "w", format="yuv4mpegpipe") as out:
+        stream = out.add_stream("rawvideo", rate=25)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i, frame in enumerate(container.decode(video=0)):
+            if i >= frames:
+                break
+            picture = frame.reformat(width=size[0], height=size[1], format="yuv420p")
+            picture.pts, picture.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(picture))
+        out.mux(stream.encode(None))
+    write_wav(wav, read_samples(source, seconds))
+    return y4m, wav
+
+
+def make_clip(y4m: Path, path: Path, frames: int = 50) -> Path:
+    """A short H.264 mp4 of the fake camera's first frames: an avatar clip to upload."""
+    with av.open(str(y4m)) as source, av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height = CAMERA_SIZE
+        stream.pix_fmt = "yuv420p"
+        for i, frame in enumerate(source.decode(video=0)):
+            if i >= frames:
+                break
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def read_samples(source: Path, seconds: float, rate: int = 48_000) -> np.ndarray:
+    """(n,) int16 mono at ``rate`` from a file's audio."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    parts = []
+    with av.open(str(source)) as container:
+        for frame in container.decode(audio=0):
+            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    return np.concatenate(parts)[: int(seconds * rate)]
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 48_000) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
+
+
+class LoopingTrack(MediaStreamTrack):
+    """A camera or microphone for an aiortc test peer: loops a file's frames in real time.
+
+    aiortc's MediaPlayer restarts timestamps when it loops, which its VP8 encoder rejects.
+    """
+
+    def __init__(self, kind: str, frames: list, step: int, rate: int) -> None:
+        super().__init__()
+        self.kind, self._frames, self._step, self._rate = kind, frames, step, rate
+        self._index = 0
+        self._started: float | None = None
+
+    @classmethod
+    def camera(cls, y4m: Path) -> "LoopingTrack":
+        with av.open(str(y4m)) as container:
+            frames = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+        return cls("video", frames, step=90_000 // 25, rate=90_000)
+
+    @classmethod
+    def microphone(cls, wav: Path) -> "LoopingTrack":
+        with wave.open(str(wav)) as source:
+            samples = np.frombuffer(source.readframes(source.getnframes()), "<i2")
+        chunks = [samples[i : i + 960] for i in range(0, len(samples) - 959, 960)]  # 20 ms at 48 kHz
+        return cls("audio", chunks, step=960, rate=48_000)
+
+    async def recv(self):
+        if self._started is None:
+            self._started = time.monotonic()
+        pts = self._index * self._step
+        await asyncio.sleep(max(0.0, self._started + pts / self._rate - time.monotonic()))
+        data = self._frames[self._index % len(self._frames)]
+        self._index += 1
+        if self.kind == "video":
+            frame = av.VideoFrame.from_ndarray(data, format="yuv420p")
+        else:
+            frame = av.AudioFrame.from_ndarray(data.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = self._rate
+        frame.pts, frame.time_base = pts, Fraction(1, self._rate)
+        return frame
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_lipsync():
+    """The real tiny model, built once per test process like a server builds it once."""
+    return LipSync.from_config(load_config("tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerThread:
+    """``transport.server`` on its own event loop in a daemon thread, bound to 127.0.0.1."""
+
+    def __init__(self, **settings) -> None:
+        settings = {"host": "127.0.0.1", "port": free_port(), "ice": LOOPBACK_ICE, **settings}
+        self.settings = ServeSettings(**settings)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.server = LipstreamServer(tiny_lipsync(), self.settings)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lipstream-server", daemon=True)
+        self._runner = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None:
+            raise RuntimeError(f"the server did not start: {self._error}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._runner = web.AppRunner(self.server.app())
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+            self._loop.run_until_complete(site.start())
+        except BaseException as exc:  # reported by __enter__
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    def request(self, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = 30) -> tuple[int, dict]:
+        """(status, JSON body) of a GET (or a POST with ``body``), errors included."""
+        request = urllib.request.Request(self.url + path, data=body, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def post_json(self, path: str, payload, timeout: float = 30) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request(path, body, {"Content-Type": "application/json"}, timeout)
+
+    def post_file(self, path: str, name: str, data: bytes, content_type: str) -> tuple[int, dict]:
+        boundary = "lipstream-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        return self.request(path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def sessions(self) -> dict:
+        return self.request("/sessions")[1]
+
+    def wait_until_idle(self, timeout: float) -> float:
+        """Seconds until no session is active; raises AssertionError past ``timeout``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.sessions()["active"] == 0:
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"sessions still active after {timeout} s: {self.sessions()}")

@@ -1,0 +1,413 @@
+"""The WebRTC side of a live session: aiortc in, a ``LiveSession`` in the middle, aiortc out.
+
+    browser mic/camera -> feed() -> session.push_audio / push_video
+    session.output() -> SessionOutput -> OutputVideoTrack (paced by the session) + OutputAudioTrack (20 ms)
+    session.stats() -> the "stats" data channel, every 0.5 s
+
+Both outgoing tracks are fed by ONE pull of ``session.output()`` per frame, so a frame and its
+audio leave together, stamped with the same moment: when the session released them. The RTP
+timestamps therefore follow the wall clock: when the session stalls and re-anchors its clock, the
+receiver sees a gap in the timestamps, not packets arriving late, which would make its jitter
+buffers (audio first) grow and stay large. The browser lines audio and video up from the RTCP
+sender reports, which map both to the wall time they were sent at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import aioice.ice
+import av
+import numpy as np
+from aiortc import (RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
+                    RTCSessionDescription, sdp)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK = 90_000
+VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
+AUDIO_RATE = 48_000
+AUDIO_TIME_BASE = Fraction(1, AUDIO_RATE)
+AUDIO_CHUNK = AUDIO_RATE // 50  # 20 ms, what Opus packetises
+# Audio stays sample-continuous unless a frame leaves later than this past where it would follow on.
+AUDIO_GAP = AUDIO_CHUNK // 2
+STATS_PERIOD = 0.5
+# A peer that has not connected by then is gone (it closed before ICE completed, or cannot reach us).
+CONNECT_TIMEOUT = 20.0
+# A peer whose media stopped this long ago is gone (crashed, or cut off without a goodbye): ICE
+# consent checks would take 30 s to say so. Browsers send audio all along, silence included.
+INPUT_TIMEOUT = 3.0
+# Output kept for a sender that is slower than the session: a video frame is worth showing only
+# while it is fresh; audio is never dropped short of a second, a gap is audible.
+VIDEO_BACKLOG = 2
+AUDIO_BACKLOG = 25
+
+
+@dataclass(frozen=True)
+class IceSettings:
+    """Where ICE may gather candidates, and through which servers.
+
+    ``hosts``: the local IP addresses to offer as host candidates (empty: every address aioice
+    finds, which excludes loopback). ``stun``/``turn``: server URLs; aiortc uses the first STUN
+    and the first TURN URL only. ``udp_ports``: an inclusive range for the host candidates' UDP
+    sockets (aioice has no such option, so the event loop's datagram binding is wrapped).
+    Unlike aiortc's default, no public STUN server is used unless one is given.
+    """
+
+    hosts: tuple[str, ...] = ()
+    stun: tuple[str, ...] = ()
+    turn: tuple[str, ...] = ()
+    turn_username: str | None = None
+    turn_password: str | None = None
+    udp_ports: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for host in self.hosts:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"ICE host {host!r} is not an IP address") from None
+            if address.is_unspecified:
+                raise ValueError(f"ICE host {host!r}: name a concrete interface address")
+        if self.udp_ports is not None:
+            low, high = self.udp_ports
+            if not 1024 <= low <= high <= 65535:
+                raise ValueError(f"UDP port range {low}-{high}: want 1024 <= A <= B <= 65535")
+        for url in self.stun:
+            if not url.startswith(("stun:", "stuns:")):
+                raise ValueError(f"STUN server {url!r}: expected stun:HOST[:PORT]")
+        for url in self.turn:
+            if not url.startswith(("turn:", "turns:")):
+                raise ValueError(f"TURN server {url!r}: expected turn:HOST[:PORT][?transport=udp|tcp]")
+
+    def configuration(self) -> RTCConfiguration:
+        # An explicit list, even empty: with None aiortc falls back to Google's public STUN server.
+        servers = [RTCIceServer(urls=url) for url in self.stun]
+        servers += [RTCIceServer(urls=url, username=self.turn_username, credential=self.turn_password)
+                    for url in self.turn]
+        return RTCConfiguration(iceServers=servers)
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Apply ``hosts`` and ``udp_ports`` to this process's aioice and to ``loop``; returns the undo.
+
+        aioice reads its host addresses from a module-level function, so this setting is per
+        process: one server per process.
+        """
+        undo: list[Callable[[], None]] = []
+        if self.hosts:
+            original_hosts = aioice.ice.get_host_addresses
+            aioice.ice.get_host_addresses = _fixed_host_addresses(self.hosts)
+            undo.append(lambda: setattr(aioice.ice, "get_host_addresses", original_hosts))
+        if self.udp_ports is not None:
+            original_bind = loop.create_datagram_endpoint
+            loop.create_datagram_endpoint = _bind_in_range(original_bind, self.udp_ports)
+            undo.append(lambda: delattr(loop, "create_datagram_endpoint"))
+
+        def uninstall() -> None:
+            for step in reversed(undo):
+                step()
+        return uninstall
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """"50000-50199" -> (50000, 50199)."""
+    low, dash, high = text.partition("-")
+    if not (dash and low.strip().isdigit() and high.strip().isdigit()):
+        raise ValueError(f"UDP port range {text!r}: expected A-B, e.g. 50000-50199")
+    return int(low), int(high)
+
+
+def _fixed_host_addresses(hosts: tuple[str, ...]):
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [h for h in hosts if (use_ipv4 if ipaddress.ip_address(h).version == 4 else use_ipv6)]
+    return get_host_addresses
+
+
+def _bind_in_range(create_datagram_endpoint, ports: tuple[int, int]):
+    """Bind what asked for an ephemeral port (aioice's host candidates) inside ``ports`` instead."""
+    low, high = ports
+
+    async def bind(protocol_factory, local_addr=None, **kwargs):
+        if local_addr is None or local_addr[1] != 0:
+            return await create_datagram_endpoint(protocol_factory, local_addr=local_addr, **kwargs)
+        # A random start spreads concurrent sessions instead of racing for the same first port.
+        start = random.randint(low, high)
+        for port in (*range(start, high + 1), *range(low, start)):
+            try:
+                return await create_datagram_endpoint(protocol_factory, local_addr=(local_addr[0], port),
+                                                      **kwargs)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {low}-{high} on {local_addr[0]}")
+
+    return bind
+
+
+class SessionOutput:
+    """Pulls the session's paced output and fans each frame out to the two outgoing tracks."""
+
+    def __init__(self, session, on_end: Callable[[], None]) -> None:
+        self._session = session
+        self._on_end = on_end
+        self.video = OutputVideoTrack(self)
+        self.audio = OutputAudioTrack(self)
+        self._pump: asyncio.Task | None = None
+        self.origin: float | None = None  # time.monotonic() when the first frame left the session
+
+    def start(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while (out := await self._session.output()) is not None:
+                now = time.monotonic()
+                self.origin = now if self.origin is None else self.origin
+                self.video.offer(now - self.origin, out.frame.image)
+                self.audio.offer(now - self.origin, out.audio)
+            if self._session.error is not None:
+                log.warning("session failed: %r", self._session.error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session output failed")
+        self.video.stop()
+        self.audio.stop()
+        self._on_end()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        self.video.stop()
+        self.audio.stop()
+
+
+class _QueueTrack(MediaStreamTrack):
+    """An outgoing track whose ``recv()`` waits for what ``SessionOutput`` offers it."""
+
+    backlog = 1
+
+    def __init__(self, output: SessionOutput) -> None:
+        super().__init__()
+        self._output = output
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def offer(self, at: float, payload: np.ndarray) -> None:
+        """``payload`` left the session ``at`` seconds after its first frame did."""
+        if self.readyState != "live":
+            return
+        while self._queue.qsize() >= self.backlog:
+            self._queue.get_nowait()
+        self._queue.put_nowait((at, payload))
+
+    async def _next(self) -> tuple[float, np.ndarray]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        self._output.start()
+        item = await self._queue.get()
+        if item is None:
+            raise MediaStreamError
+        return item
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._queue.put_nowait(None)  # wake a pending recv()
+        super().stop()
+
+
+class OutputVideoTrack(_QueueTrack):
+    kind = "video"
+    backlog = VIDEO_BACKLOG
+
+    def __init__(self, output: SessionOutput) -> None:
+        super().__init__(output)
+        self._pts = -1
+
+    async def recv(self) -> av.VideoFrame:
+        at, image = await self._next()
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        self._pts = max(round(at * VIDEO_CLOCK), self._pts + 1)  # the encoder wants them increasing
+        frame.pts = self._pts
+        frame.time_base = VIDEO_TIME_BASE
+        return frame
+
+
+class OutputAudioTrack(_QueueTrack):
+    """Re-chunks each frame's 1/25 s of 48 kHz audio into the 20 ms frames Opus sends."""
+
+    kind = "audio"
+    backlog = AUDIO_BACKLOG
+
+    def __init__(self, output: SessionOutput) -> None:
+        super().__init__(output)
+        self._pending = np.zeros((2, 0), np.float32)
+        self._pts: int | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        while self._pending.shape[1] < AUDIO_CHUNK:
+            at, samples = await self._next()
+            start = round(at * AUDIO_RATE)
+            if self._pts is None or self._pending.shape[1] == 0 and start - self._pts > AUDIO_GAP:
+                self._pts = start  # the first frame, or one after a stall: leave the gap in the timestamps
+            self._pending = np.concatenate([self._pending, samples], axis=1)
+        # A frame brings two chunks at once: send the second on its own time, not in a burst.
+        await asyncio.sleep(self._output.origin + self._pts / AUDIO_RATE - time.monotonic())
+        chunk, self._pending = self._pending[:, :AUDIO_CHUNK], self._pending[:, AUDIO_CHUNK:]
+        # aiortc's Opus encoder takes interleaved 16-bit stereo only.
+        interleaved = (np.clip(chunk.T, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = self._pts
+        frame.time_base = AUDIO_TIME_BASE
+        self._pts += AUDIO_CHUNK
+        return frame
+
+
+async def feed(track: MediaStreamTrack, session, use_video: bool,
+               on_frame: Callable[[float], None]) -> None:
+    """Push an incoming track into the session until it ends.
+
+    A track nobody reads queues every decoded frame inside aiortc forever, so an unused one (the
+    camera in avatar mode) is still drained.
+    """
+    resampler = av.AudioResampler(format="fltp") if track.kind == "audio" else None
+    while True:
+        frame = await track.recv()  # MediaStreamError once the track ends
+        arrived = time.monotonic()
+        on_frame(arrived)
+        if resampler is not None:
+            for planar in resampler.resample(frame):
+                session.push_audio(planar.to_ndarray(), planar.sample_rate, captured_at=arrived)
+        elif use_video:
+            session.push_video(frame.to_ndarray(format="rgb24"), captured_at=arrived)
+
+
+class Peer:
+    """One remote peer bound to one live session, torn down as soon as either side goes away.
+
+    The peer is gone when the connection fails or closes (a closed tab sends a DTLS close), when
+    one of its tracks ends, when its "stats" data channel closes, when it has not connected
+    within CONNECT_TIMEOUT, or when its media stopped arriving INPUT_TIMEOUT ago.
+    """
+
+    def __init__(self, session, ice: IceSettings, *, camera: bool, describe: dict | None = None,
+                 on_closed: Callable[["Peer"], None] | None = None) -> None:
+        self.session = session
+        self.camera = camera
+        self.pc = RTCPeerConnection(ice.configuration())
+        self.output = SessionOutput(session, on_end=self.close_soon)
+        self._describe = describe or {}
+        self._on_closed = on_closed
+        self._tasks: set[asyncio.Task] = set()
+        self._closing: asyncio.Task | None = None
+        self._last_input: float | None = None
+        self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+
+    async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Accept the offer; raises ValueError (for a 400) when it cannot be answered."""
+        try:
+            for media in sdp.SessionDescription.parse(offer.sdp).media:
+                # aiortc would accept this and fail the handshake later, leaving the peer waiting.
+                if media.dtls is None or not media.dtls.fingerprints:
+                    raise ValueError(f"the {media.kind} section has no DTLS fingerprint or setup role")
+            await self.pc.setRemoteDescription(offer)
+        except Exception as exc:  # aiortc raises ValueError, InvalidAccessError, InvalidStateError...
+            raise ValueError(f"cannot use this offer: {exc}") from None
+        kinds = {t.kind for t in self.pc.getTransceivers()}
+        if "video" not in kinds:
+            raise ValueError("the offer has no video section: add a video transceiver to receive the face")
+        self.pc.addTrack(self.output.video)
+        if "audio" in kinds:
+            self.pc.addTrack(self.output.audio)
+        await self.session.start()
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._spawn(self._expire_unless_connected())
+        return self.pc.localDescription
+
+    async def _expire_unless_connected(self) -> None:
+        await asyncio.sleep(CONNECT_TIMEOUT)
+        if self.pc.connectionState != "connected":
+            log.info("peer did not connect within %.0f s", CONNECT_TIMEOUT)
+            self.close_soon()
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.close_soon()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        use_video = track.kind == "video" and self.camera
+        self._spawn(self._feed(track, use_video))
+
+    def _arrived(self, at: float) -> None:
+        if self._last_input is None:
+            self._spawn(self._expire_when_silent())
+        self._last_input = at
+
+    async def _expire_when_silent(self) -> None:
+        while time.monotonic() - self._last_input < INPUT_TIMEOUT:
+            await asyncio.sleep(0.25)
+        log.info("no media from the peer for %.0f s", INPUT_TIMEOUT)
+        self.close_soon()
+
+    async def _feed(self, track: MediaStreamTrack, use_video: bool) -> None:
+        try:
+            await feed(track, self.session, use_video, self._arrived)
+        except MediaStreamError:
+            log.info("incoming %s track ended", track.kind)
+        except Exception:
+            log.exception("incoming %s track failed", track.kind)
+        self.close_soon()
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label == "stats":
+            channel.on("close", self.close_soon)
+            self._spawn(self._send_stats(channel))
+
+    async def _send_stats(self, channel: RTCDataChannel) -> None:
+        while True:
+            if channel.readyState == "open":
+                channel.send(json.dumps({**self._describe, **self.session.stats()}))
+            await asyncio.sleep(STATS_PERIOD)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close_soon(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._teardown())
+
+    async def close(self) -> None:
+        """Stop the tracks, the peer connection and the session; idempotent."""
+        self.close_soon()
+        await asyncio.shield(self._closing)
+
+    async def _teardown(self) -> None:
+        try:
+            for task in list(self._tasks):
+                task.cancel()
+            await self.output.close()
+            await self.pc.close()
+        finally:
+            try:
+                await self.session.close()
+            finally:
+                if self._on_closed is not None:
+                    self._on_closed(self)
