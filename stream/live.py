@@ -11,7 +11,8 @@ Policies, each counted in ``stats()``:
 - a tick that finds the pipeline's first queue full is dropped (``dropped_ticks``);
 - a window that is already late passes its frames through unchanged (``late_frames``);
 - a frame that is ready after its due time goes out at once and the clock re-anchors
-  (``clock_slips``), so later frames keep their spacing instead of bunching up;
+  (``clock_slips``), so later frames keep their spacing instead of bunching up; the playout
+  delay then eases back down to what recent frames needed;
 - output nobody reads is bounded (``dropped_outputs``).
 """
 
