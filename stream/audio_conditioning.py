@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from models.whisper_encoder import WhisperEncoder
 from stream.audio_features import feature_chunks, log_mel
@@ -12,10 +11,7 @@ from stream.frames import FaceFrame
 
 def offline_chunks(encoder: WhisperEncoder, waveform_16k: np.ndarray, n_frames: int) -> np.ndarray:
     """Upstream's whole-clip path: global mel floor, 30 s encoder segments, 10 rows per frame."""
-    mel = torch.from_numpy(log_mel(waveform_16k, floor="global"))
-    parameter = next(encoder.parameters())
-    with torch.no_grad():
-        features = encoder.encode_features(mel.to(parameter.device, parameter.dtype))
+    features = encoder.encode_features(log_mel(waveform_16k, floor="global"))
     return feature_chunks(features.float().cpu().numpy(), n_frames)
 
 

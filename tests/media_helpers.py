@@ -23,8 +23,10 @@ import numpy as np
 from aiohttp import web
 from aiortc.mediastreams import MediaStreamTrack
 
+from av_helpers import decode, write_video, write_wav
 from stream.config import load_config
 from stream.pipeline import LipSync
+from transport.files import read_audio
 from transport.server import LipstreamServer, ServeSettings
 from transport.webrtc import IceSettings
 
@@ -49,41 +51,13 @@ def make_camera_files(source: Path, folder: Path, seconds: float = 6.0,
             picture.pts, picture.time_base = i, Fraction(1, 25)
             out.mux(stream.encode(picture))
         out.mux(stream.encode(None))
-    write_wav(wav, read_samples(source, seconds))
+    write_wav(wav, read_audio(source)[1][0, : int(seconds * 48_000)], 48_000)
     return y4m, wav
 
 
 def make_clip(y4m: Path, path: Path, frames: int = 50) -> Path:
     """A short H.264 mp4 of the fake camera's first frames: an avatar clip to upload."""
-    with av.open(str(y4m)) as source, av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height = CAMERA_SIZE
-        stream.pix_fmt = "yuv420p"
-        for i, frame in enumerate(source.decode(video=0)):
-            if i >= frames:
-                break
-            frame.pts, frame.time_base = i, Fraction(1, 25)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
-
-
-def read_samples(source: Path, seconds: float, rate: int = 48_000) -> np.ndarray:
-    """(n,) int16 mono at ``rate`` from a file's audio."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-    parts = []
-    with av.open(str(source)) as container:
-        for frame in container.decode(audio=0):
-            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    return np.concatenate(parts)[: int(seconds * rate)]
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int = 48_000) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.astype("<i2").tobytes())
+    return write_video(path, decode(y4m, limit=frames))
 
 
 class LoopingTrack(MediaStreamTrack):

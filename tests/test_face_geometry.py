@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import av
 import cv2
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from av_helpers import decode, psnr
 from stream.compositing import PasteBack, paste_back, paste_mask
 from stream.face_alignment import TEMPLATE, FaceAligner, similarity_transform
 from stream.face_landmarks import FaceLandmarker
@@ -23,19 +23,6 @@ SAMPLE_EVERY = 25  # frames kept in memory for the geometry checks (a 1080x1920 
 class TrackedVideo:
     points: list[np.ndarray | None]  # alignment points of every frame, tracked in video mode
     samples: dict[int, np.ndarray]  # frame index -> RGB frame, every SAMPLE_EVERY frames
-
-
-def decode(path, limit: int | None = None):
-    with av.open(str(path)) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if limit is not None and index >= limit:
-                return
-            yield frame.to_ndarray(format="rgb24")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
+from av_helpers import decode, psnr, write_video, write_wav
 from conftest import MEDIA, REPO
 from stream.compositing import paste_mask
 from stream.config import load_config
 from stream.face_alignment import FaceAligner
 from stream.face_landmarks import FaceLandmarker
-from transport.files import Mp4Writer, read_video
-from stream.frames import VideoFrame
+from transport.files import read_video
 
 SPEAKER = MEDIA / "speaker_wide.mp4"
 
@@ -28,42 +28,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
 def speech_clip(tmp_path: Path, seconds: float) -> Path:
     with wave.open(str(MEDIA / "speech_16k.wav")) as source:
         pcm = np.frombuffer(source.readframes(int(seconds * 16000)), "<i2").astype(np.float32) / 32768
     return write_wav(tmp_path / "speech.wav", pcm, 16000)
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:
-    writer = Mp4Writer(path, frames[0].shape[1], frames[0].shape[0], fps, audio_rate=None)
-    for index, image in enumerate(frames):
-        writer.write_frame(VideoFrame(index, index / fps, image))
-    writer.close()
-    return path
-
-
-def decode(path: Path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
 def stream_durations(path: Path) -> dict[str, float]:
     with av.open(str(path)) as container:
         return {stream.type: float(stream.duration * stream.time_base) for stream in container.streams}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def source_frames(count: int) -> list[np.ndarray]:
@@ -82,7 +55,7 @@ def test_issue_command_makes_a_playable_synced_mp4(tmp_path):
     assert result.returncode == 0, result.stderr
     with wave.open(str(MEDIA / "speech_16k.wav")) as speech:
         audio_seconds = speech.getnframes() / speech.getframerate()
-    frames = decode(out)
+    frames = list(decode(out))
     assert abs(len(frames) - round(audio_seconds * 25)) <= 1
     durations = stream_durations(out)
     assert set(durations) == {"video", "audio"}
@@ -101,7 +74,7 @@ def test_bypass_model_reproduces_the_input(tmp_path):
     result = run_cli("file", "--video", str(SPEAKER), "--audio", str(speech_clip(tmp_path, 2.0)),
                      "--out", str(out), "--bypass", "--quiet", "--config", str(config_path))
     assert result.returncode == 0, result.stderr
-    produced = decode(out)
+    produced = list(decode(out))
     original = source_frames(len(produced))
     assert len(produced) == 50
     scores = [psnr(a, b) for a, b in zip(produced, original)]
@@ -113,7 +86,7 @@ def test_tiny_model_leaves_pixels_outside_the_paste_mask_alone(tmp_path):
     result = run_cli("file", "--video", str(SPEAKER), "--audio", str(speech_clip(tmp_path, 1.3)),
                      "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    produced = decode(out)
+    produced = list(decode(out))
     original = source_frames(len(produced))
     aligner = FaceAligner(load_config("tiny")["resolution"])
     inside_scores, outside_scores = [], []
@@ -138,7 +111,7 @@ def test_a_second_without_a_face_passes_through(tmp_path):
                      "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "(25 without a face)" in result.stdout
-    produced = decode(out)
+    produced = list(decode(out))
     assert len(produced) == 75
     assert max(float(np.abs(image.astype(int)).mean()) for image in produced[26:49]) < 2
 
@@ -194,8 +167,8 @@ def test_video_without_any_face_is_a_documented_pass_through(tmp_path, faceless_
     assert result.returncode == 0, result.stderr
     assert "no face found" in result.stderr
     assert "(25 without a face)" in result.stdout
-    original = decode(faceless_video)
-    produced = decode(out)
+    original = list(decode(faceless_video))
+    produced = list(decode(out))
     assert len(produced) == 25
     assert min(psnr(a, b) for a, b in zip(produced, original)) >= 30
 
