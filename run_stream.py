@@ -287,6 +287,11 @@ def _print_live_table(result: dict) -> None:
           f"{result['steps']} steps: {result['frames']}/{result['frames_in']} frames at {result['fps']:.2f} fps")
     print(f"  added latency ms  p50 {latency['p50']:.0f}  p95 {latency['p95']:.0f}  max {latency['max']:.0f}"
           f"   first frame {result['ttff_ms']:.0f} ms   A/V offset {result['av_offset_ms']:.1f} ms")
+    for kind, key in (("generated", "latency_generated_ms"), ("passed through", "latency_passed_ms")):
+        part = result[key]
+        print(f"    {kind:<15}p50 {part['p50']:.0f}  p95 {part['p95']:.0f}  max {part['max']:.0f}")
+    print(f"  frames: {result['frames_traced']} of {result['frames']} in the latency record, "
+          f"{result['frames_generated']} generated")
     print(f"  dropped {result['dropped_frames']} (late {result['late_frames']}, ticks {result['dropped_ticks']})"
           f"   silent {result['silent_frames']}   clock slips {result['clock_slips']}"
           f"   seam ratio {result['seam_ratio']}")

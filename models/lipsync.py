@@ -83,7 +83,7 @@ class LipSyncModel(nn.Module):
             known_video = video(known.to(noise))
 
             def replace(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                renoised = self.sampler.scheduler.add_noise(known_video, noise[:, :, : known.shape[0]], t)
+                renoised = self.sampler.add_noise(known_video, noise[:, :, : known.shape[0]], t)
                 return torch.cat([renoised, latents[:, :, known.shape[0]:]], dim=2)
 
         audio = audio.to(self.mask.device, self.dtype).unsqueeze(0)

@@ -24,16 +24,26 @@ def make_scheduler(config: dict) -> DDIMScheduler:
 
 
 class DDIMSampler:
-    """Runs ``steps`` DDIM steps; guidance uses zero audio as the unconditional branch (upstream)."""
+    """Runs ``steps`` DDIM steps; guidance uses zero audio as the unconditional branch (upstream).
+
+    One sampler serves every session's thread at once, so it is read-only once built: the
+    timesteps are fixed here (``set_timesteps`` rewrites the scheduler's state) and re-noising
+    reads the noise schedule without caching anything on the scheduler (diffusers' ``add_noise``
+    moves its table to the latents' device in place).
+    """
 
     def __init__(self, config: dict):
         self.scheduler = make_scheduler(config)
         self.steps = int(config.get("steps", 4))
         self.guidance_scale = float(config.get("guidance_scale", 1.0))
-
-    def timesteps(self) -> torch.Tensor:
         self.scheduler.set_timesteps(self.steps)
-        return self.scheduler.timesteps
+        self.timesteps = self.scheduler.timesteps.clone()
+        self._alphas_cumprod = self.scheduler.alphas_cumprod.clone()
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``clean`` latents noised to timestep ``t`` (the forward process), with the given noise."""
+        alpha = float(self._alphas_cumprod[int(t)])
+        return alpha ** 0.5 * clean + (1 - alpha) ** 0.5 * noise
 
     def predict_noise(self, denoiser: Denoiser, latents: torch.Tensor, condition: torch.Tensor,
                       audio: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +59,7 @@ class DDIMSampler:
                audio: torch.Tensor, before_step: Callable | None = None) -> torch.Tensor:
         """The DDIM loop; ``before_step(latents, t)`` may rewrite the latents before each step."""
         latents = noise * self.scheduler.init_noise_sigma
-        for t in self.timesteps():
+        for t in self.timesteps:
             if before_step is not None:
                 latents = before_step(latents, t)
             eps = self.predict_noise(denoiser, latents, condition, audio, t)

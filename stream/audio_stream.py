@@ -139,9 +139,8 @@ class StreamingAudio:
 
         def overdue(frame: FaceFrame) -> bool:
             """Its audio is not in and should have been long ago: the microphone stalled."""
-            captured = frame.frame.captured_at
-            return (frame.frame.index >= ready and captured is not None
-                    and now - captured > self.audio_timeout)
+            due = frame.frame.trace.due_at
+            return frame.frame.index >= ready and due is not None and now - due > self.audio_timeout
 
         release = 0  # frames leave in order: the leading run whose audio is in (or given up on)
         while release < len(self._pending) and (final or self._pending[release].frame.index < ready

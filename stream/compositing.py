@@ -9,6 +9,7 @@ truncates to uint8; we warp with cv2 in float32 and round.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -58,7 +59,11 @@ def paste_mask(face: AlignedFace, frame_shape: tuple[int, ...], margin: int = 0)
 
 
 class PasteBack:
-    """The paste stage: each generated frame out as a plain video frame (untouched when no face)."""
+    """The paste stage: each generated frame out as a plain video frame (untouched when no face).
+
+    The pasted frame keeps the source frame's trace, marked ``generated``: latency is accounted for
+    the frames the model made as much as for those it let through.
+    """
 
     name = "paste"
 
@@ -67,7 +72,8 @@ class PasteBack:
         frame = source.frame
         if generated.mouth is None or source.face is None:
             return [frame]
-        return [VideoFrame(frame.index, frame.pts, paste_back(frame.image, generated.mouth, source.face))]
+        frame.trace.generated = True
+        return [dataclasses.replace(frame, image=paste_back(frame.image, generated.mouth, source.face))]
 
     def flush(self) -> list[VideoFrame]:
         return []

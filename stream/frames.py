@@ -13,21 +13,38 @@ import numpy as np
 
 
 @dataclass(slots=True)
+class Trace:
+    """Where one live frame has been: the latency accounting, carried unchanged by every frame built from it.
+
+    ``captured_at``: the ``time.monotonic()`` moment its picture arrived (a camera frame), or, for an
+    avatar, the moment on the media clock whose audio it shows. ``due_at``: the clock tick it was
+    taken on; overload policies judge lateness from it, so a camera that stalls does not make
+    every window look late. ``marks``: the moment each stage finished with it. ``generated``: its
+    mouth came out of the model (False: passed through, for silence, lateness or no face).
+    """
+
+    captured_at: float | None = None
+    due_at: float | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+    generated: bool = False
+
+
+@dataclass(slots=True)
 class VideoFrame:
     """One decoded picture, RGB uint8 (H, W, 3), at output frame ``index``.
 
-    ``captured_at`` is the wall-clock (``time.monotonic``) moment a live frame was captured, and
-    ``marks`` the moment each stage finished with it: the latency accounting. Files leave both empty.
+    A stage that makes a new picture from this one keeps the same ``trace`` object
+    (``dataclasses.replace(frame, image=...)``), so every emitted frame can be accounted for.
+    Files leave the trace empty.
     """
 
     index: int
     pts: float
     image: np.ndarray
-    captured_at: float | None = None
-    marks: dict[str, float] = field(default_factory=dict)
+    trace: Trace = field(default_factory=Trace)
 
     def stamp(self, stage: str, now: float) -> None:
-        self.marks[stage] = now
+        self.trace.marks[stage] = now
 
 
 @dataclass(slots=True)
@@ -55,7 +72,7 @@ class FaceFrame:
     speech: float = 1.0
 
     def stamp(self, stage: str, now: float) -> None:
-        self.frame.marks[stage] = now
+        self.frame.trace.marks[stage] = now
 
 
 @dataclass(slots=True)

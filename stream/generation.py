@@ -8,7 +8,7 @@ decoded. Entries leave the buffer when their frame drops out of the window.
 Two policies decide which frames skip the model, both counted:
 - silence: a frame whose ``speech`` weight is 0 keeps its original face;
 - lateness: when the newest frame of a window is already older than ``late_after`` seconds, the
-  whole window passes through, so a slow model never makes the stream fall further behind.
+  whole window passes through (judged from its clock tick), so a slow model never makes the stream fall further behind.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Generation:
         self._ring: dict[int, _Latents] = {}
 
     def _is_late(self, window: Window) -> bool:
-        newest = window.frames[-1].frame.captured_at
+        newest = window.frames[-1].frame.trace.due_at
         return (self.late_after is not None and newest is not None
                 and time.monotonic() - newest > self.late_after)
 

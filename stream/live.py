@@ -24,80 +24,23 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import av
 import numpy as np
 
 from stream.audio_stream import StreamingAudio
 from stream.face_tracking import FaceTracking
-from stream.frames import VideoFrame
+from stream.frames import Trace, VideoFrame
 from stream.generation import Generation
+from stream.input_audio import InputAudio
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
 from stream.runner import Pipeline
 
-PLAYBACK_RATE = 48_000
-FEATURE_RATE = 16_000
-# Audio that starts within this long after the first picture is taken to start with it (the
-# same moment, seen through two transports); later than that, the gap is filled with silence.
-LATE_AUDIO_START = 0.02
 
 
 @dataclass
 class LiveOutput:
     frame: VideoFrame
     audio: np.ndarray  # (2, n) float32 planar at 48 kHz: exactly this frame's 1/fps
-
-
-class _Resampler:
-    """Any rate/layout -> one rate/layout, keeping filter state across blocks (PyAV's swresample)."""
-
-    def __init__(self, rate: int, layout: str):
-        self.rate, self.layout = rate, layout
-        self._resampler: av.AudioResampler | None = None
-        self._source: tuple[int, int] | None = None
-
-    def __call__(self, samples: np.ndarray, rate: int) -> np.ndarray:
-        samples = np.atleast_2d(samples).astype(np.float32)
-        if self._source != (rate, len(samples)):  # a new input format restarts the filter
-            self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
-            self._source = (rate, len(samples))
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp",
-                                           layout="mono" if len(samples) == 1 else "stereo")
-        frame.sample_rate = rate
-        frame.pts = None
-        parts = [f.to_ndarray() for f in self._resampler.resample(frame)]
-        channels = 1 if self.layout == "mono" else 2
-        return np.concatenate(parts, axis=1) if parts else np.zeros((channels, 0), np.float32)
-
-
-class _AudioTrack:
-    """Audio on the media clock: sample 0 is at t0; a late-starting microphone is padded with silence."""
-
-    def __init__(self, rate: int):
-        self.rate = rate
-        self._samples = np.zeros((2, 0), np.float32)
-        self._first = 0  # media-clock sample index of _samples[:, 0]
-        self.received = 0  # samples on the clock so far
-
-    def append(self, samples: np.ndarray, at_media_time: float) -> None:
-        if self.received == 0 and at_media_time > LATE_AUDIO_START:
-            self.received = round(at_media_time * self.rate)
-        self._samples = np.concatenate([self._samples, samples], axis=1)
-        self.received += samples.shape[1]
-        if self._samples.shape[1] > 60 * self.rate:  # a minute is far more than any latency
-            drop = self._samples.shape[1] - 10 * self.rate
-            self._samples, self._first = self._samples[:, drop:], self._first + drop
-
-    def read(self, start_s: float, seconds: float) -> tuple[np.ndarray, float]:
-        """The samples of [start_s, start_s + seconds) on the clock, and where they really start."""
-        start = round(start_s * self.rate)
-        length = round((start_s + seconds) * self.rate) - start
-        out = np.zeros((self._samples.shape[0], length), np.float32)
-        offset = self.received - self._samples.shape[1] - self._first  # clock samples not stored
-        lo = start - self._first - offset
-        src = self._samples[:, max(lo, 0) : max(lo + length, 0)]
-        out[:, max(-lo, 0) : max(-lo, 0) + src.shape[1]] = src
-        return out, start / self.rate
 
 
 class _OutputSink:
@@ -137,10 +80,8 @@ class LiveSession:
                                            fade_frames, batch=stride)
         self._options = dict(stride=stride, late_after=late_after, record=record)
         self._queue_size = queue_size
-        self._playback = _AudioTrack(PLAYBACK_RATE)
-        self._to_features = _Resampler(FEATURE_RATE, "mono")
-        self._to_playback = _Resampler(PLAYBACK_RATE, "stereo")
-        self._latest: np.ndarray | None = None
+        self._input_audio = InputAudio(self._audio_stage.push)
+        self._latest: tuple[np.ndarray, float] | None = None  # the newest picture and when it arrived
         self._t0: float | None = None
         self._ending = False
         self._closed = False
@@ -168,15 +109,13 @@ class LiveSession:
         return now - self._t0
 
     def push_video(self, image: np.ndarray, captured_at: float | None = None) -> None:
+        """A camera picture; ``captured_at`` (``time.monotonic()``) is when it arrived, default now."""
         self._clock()
-        self._latest = image
+        self._latest = (image, time.monotonic() if captured_at is None else captured_at)
 
-    def push_audio(self, samples: np.ndarray, rate: int, captured_at: float | None = None) -> None:
-        at = self._clock()
-        if self._audio_stage.features.received_seconds == 0 and at > LATE_AUDIO_START:
-            self._audio_stage.push(np.zeros(round(at * FEATURE_RATE), np.float32))
-        self._audio_stage.push(self._to_features(samples, rate)[0])
-        self._playback.append(self._to_playback(samples, rate), at)
+    def push_audio(self, samples: np.ndarray, rate: int) -> None:
+        """(channels, n) samples at ``rate``, as they arrive; their place on the clock is now."""
+        self._input_audio.push(samples, rate, self._clock())
 
     def end(self) -> None:
         """No more input: the pipeline drains and ``output()`` then returns None."""
@@ -218,8 +157,11 @@ class LiveSession:
                 await asyncio.sleep(delay)
             if self._ending and self._avatar is None:
                 return
-            image = self._avatar[index % len(self._avatar)] if self._avatar is not None else self._latest
-            frame = VideoFrame(index, index / self.fps, image, captured_at=due)
+            # An avatar's picture is there all along: what its frame shows is the audio at its pts,
+            # which arrives at the tick. A camera frame is as old as the picture it carries.
+            image, captured_at = ((self._avatar[index % len(self._avatar)], due) if self._avatar is not None
+                                  else self._latest)
+            frame = VideoFrame(index, index / self.fps, image, Trace(captured_at=captured_at, due_at=due))
             index += 1
             first_queue = first_queue or self._pipeline.first_queue
             if first_queue is not None and first_queue.full():
@@ -256,9 +198,8 @@ class LiveSession:
         self._first_output_at = self._first_output_at or emitted
         self._last_output_at = emitted
         self.frames_out += 1
-        if frame.captured_at is not None:
-            self.latency.record(frame.captured_at, frame.marks, emitted)
-        audio, audio_start = self._playback.read(frame.pts, 1.0 / self.fps)
+        self.latency.record(frame.trace, emitted)
+        audio, audio_start = self._input_audio.playback.read(frame.pts, 1.0 / self.fps)
         self._av_offsets.append(audio_start - frame.pts)
         return LiveOutput(frame, audio)
 

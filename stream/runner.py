@@ -10,11 +10,14 @@ the same queues as the media (``END``), so stages never race a side channel.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Iterable, Iterator, Protocol
 
 from stream.frames import StageTimes
+
+log = logging.getLogger(__name__)
 
 
 def run_async(coroutine):
@@ -51,6 +54,27 @@ async def iterate_in_thread(items: Iterable[Any], executor: ThreadPoolExecutor) 
         yield item
 
 
+async def _shut_down(executors: list[ThreadPoolExecutor], patience: float = 30.0) -> None:
+    """Wait, without blocking the event loop, for the call each worker thread may still be in.
+
+    A cancelled stage leaves its thread finishing the current call (a model window can take a
+    second); ``shutdown(wait=True)`` here would freeze every other session on this loop meanwhile.
+    Each stage has at most one call queued, so a no-op queued behind it finishes when the thread is
+    idle. Once this returns, no thread touches a stage again and the stages can be closed.
+    """
+    loop = asyncio.get_running_loop()
+    idle = [loop.run_in_executor(executor, _idle) for executor in executors]
+    for executor in executors:
+        executor.shutdown(wait=False)
+    done, pending = await asyncio.wait(idle, timeout=patience)
+    if pending:
+        log.warning("%d pipeline threads still busy %.0f s after the stream ended", len(pending), patience)
+
+
+def _idle() -> None:
+    pass
+
+
 class Pipeline:
     """source -> stages[0] -> ... -> stages[-1]; queues hold at most ``queue_size`` items each."""
 
@@ -75,8 +99,7 @@ class Pipeline:
         finally:
             for task in tasks:
                 task.cancel()
-            for executor in executors + [source_executor]:
-                executor.shutdown(wait=True, cancel_futures=True)
+            await _shut_down(executors + [source_executor])
         return self.times
 
     async def _feed(self, source, outbox: asyncio.Queue, executor: ThreadPoolExecutor) -> None:

@@ -38,11 +38,11 @@ def test_twenty_upstream_steps_match_diffusers_step_for_step(tiny_unet):
 
     sampler = DDIMSampler({**UPSTREAM_SCHEDULER, "steps": 20, "guidance_scale": 1.5,
                            "timestep_spacing": "leading"})
-    assert sampler.timesteps().tolist() == list(range(951, 0, -50))
+    assert sampler.timesteps.tolist() == list(range(951, 0, -50))
     ours = []
     latents = noise.clone()
     with torch.no_grad():
-        for t in sampler.timesteps():
+        for t in sampler.timesteps:
             eps = sampler.predict_noise(unet, latents, condition, audio, t)
             latents = sampler.scheduler.step(eps, t, latents, eta=0.0).prev_sample
             ours.append(latents)
@@ -65,9 +65,9 @@ def test_twenty_upstream_steps_match_diffusers_step_for_step(tiny_unet):
 def test_default_few_step_config_starts_near_pure_noise():
     for name in ("tiny", "latentsync-1.5", "latentsync-1.6"):
         sampler = DDIMSampler({**load_config(name)["sampler"], "steps": 4})
-        assert sampler.timesteps()[0] >= 990, name
+        assert sampler.timesteps[0] >= 990, name
     leading = DDIMSampler({**UPSTREAM_SCHEDULER, "steps": 4, "timestep_spacing": "leading"})
-    assert leading.timesteps().tolist() == [751, 501, 251, 1]
+    assert leading.timesteps.tolist() == [751, 501, 251, 1]
 
 
 def test_precision_selection(monkeypatch):

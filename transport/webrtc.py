@@ -291,7 +291,7 @@ async def feed(track: MediaStreamTrack, session, use_video: bool,
         on_frame(arrived)
         if resampler is not None:
             for planar in resampler.resample(frame):
-                session.push_audio(planar.to_ndarray(), planar.sample_rate, captured_at=arrived)
+                session.push_audio(planar.to_ndarray(), planar.sample_rate)
         elif use_video:
             session.push_video(frame.to_ndarray(format="rgb24"), captured_at=arrived)
 

@@ -1,0 +1,91 @@
+"""A live session's incoming audio, put on its media clock: 16 kHz mono for the features, 48 kHz stereo
+for playback.
+
+Owned by the thread that pushes audio (the event loop). Every decision about where the audio sits
+on the clock is taken here, from counts this object keeps itself: the audio stage's worker thread
+only ever receives samples, so two pushes before it drains cannot both decide to pad.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import av
+import numpy as np
+
+PLAYBACK_RATE = 48_000
+FEATURE_RATE = 16_000
+# Audio that starts within this long after the clock did is taken to start with it (the same
+# moment, seen through two transports); later than that, the gap before it is filled with silence.
+LATE_AUDIO_START = 0.02
+
+
+class Resampler:
+    """Any rate/layout -> one rate/layout, keeping filter state across blocks (PyAV's swresample)."""
+
+    def __init__(self, rate: int, layout: str):
+        self.rate, self.layout = rate, layout
+        self._resampler: av.AudioResampler | None = None
+        self._source: tuple[int, int] | None = None
+
+    def __call__(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        samples = np.atleast_2d(samples).astype(np.float32)
+        if self._source != (rate, len(samples)):  # a new input format restarts the filter
+            self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+            self._source = (rate, len(samples))
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp",
+                                           layout="mono" if len(samples) == 1 else "stereo")
+        frame.sample_rate = rate
+        frame.pts = None
+        parts = [f.to_ndarray() for f in self._resampler.resample(frame)]
+        channels = 1 if self.layout == "mono" else 2
+        return np.concatenate(parts, axis=1) if parts else np.zeros((channels, 0), np.float32)
+
+
+class PlaybackBuffer:
+    """Playback audio on the media clock, read back one frame's span at a time."""
+
+    def __init__(self, rate: int, start_s: float = 0.0):
+        self.rate = rate
+        self._samples = np.zeros((2, 0), np.float32)
+        self._first = 0  # media-clock sample index of _samples[:, 0]
+        self.received = round(start_s * rate)  # samples on the clock so far, leading silence included
+
+    def append(self, samples: np.ndarray) -> None:
+        self._samples = np.concatenate([self._samples, samples], axis=1)
+        self.received += samples.shape[1]
+        if self._samples.shape[1] > 60 * self.rate:  # a minute is far more than any latency
+            drop = self._samples.shape[1] - 10 * self.rate
+            self._samples, self._first = self._samples[:, drop:], self._first + drop
+
+    def read(self, start_s: float, seconds: float) -> tuple[np.ndarray, float]:
+        """The samples of [start_s, start_s + seconds) on the clock, and where they really start."""
+        start = round(start_s * self.rate)
+        length = round((start_s + seconds) * self.rate) - start
+        out = np.zeros((self._samples.shape[0], length), np.float32)
+        offset = self.received - self._samples.shape[1] - self._first  # clock samples not stored
+        lo = start - self._first - offset
+        src = self._samples[:, max(lo, 0) : max(lo + length, 0)]
+        out[:, max(-lo, 0) : max(-lo, 0) + src.shape[1]] = src
+        return out, start / self.rate
+
+
+class InputAudio:
+    """Puts pushed audio on the clock and hands the 16 kHz copy to ``to_features`` (thread-safe)."""
+
+    def __init__(self, to_features: Callable[[np.ndarray], None]):
+        self._to_features_stage = to_features
+        self._to_features = Resampler(FEATURE_RATE, "mono")
+        self._to_playback = Resampler(PLAYBACK_RATE, "stereo")
+        self.playback = PlaybackBuffer(PLAYBACK_RATE)
+        self.started = False
+
+    def push(self, samples: np.ndarray, rate: int, at_media_time: float) -> None:
+        """``samples`` (channels, n) at ``rate`` arrived ``at_media_time`` seconds into the stream."""
+        if not self.started:
+            self.started = True
+            if at_media_time > LATE_AUDIO_START:  # a microphone that starts late: silence before it
+                self._to_features_stage(np.zeros(round(at_media_time * FEATURE_RATE), np.float32))
+                self.playback = PlaybackBuffer(PLAYBACK_RATE, start_s=at_media_time)
+        self._to_features_stage(self._to_features(samples, rate)[0])
+        self.playback.append(self._to_playback(samples, rate))

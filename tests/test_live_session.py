@@ -1,0 +1,225 @@
+"""What a live session promises about its numbers and its neighbours: every emitted frame is
+accounted for in the latency record, audio is placed on the clock by one thread, closing one
+session does not stall another, and the shared sampler is read-only."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import MEDIA
+from models.lipsync import BypassModel
+from stream.config import load_config
+from stream.live import LiveSession
+from stream.pipeline import LipSync
+from stream.runner import run_async
+from transport.files import read_audio, read_video
+from transport.paced_file import play_live
+
+FPS = 25
+BLOCK = 960  # 20 ms at 48 kHz, what a microphone delivers
+
+
+@pytest.fixture(scope="module")
+def lipsync() -> LipSync:
+    return LipSync.from_config(load_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def speech_48k() -> np.ndarray:
+    return read_audio(MEDIA / "speech_16k.wav")[1]
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    bgr = cv2.imread(str(MEDIA / "portrait.png"))
+    return cv2.cvtColor(cv2.resize(bgr, (320, 320), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+async def feed_audio(session: LiveSession, audio: np.ndarray, seconds: float) -> None:
+    """Push microphone-sized blocks at real-time pace, then end the session."""
+    start = time.monotonic()
+    for i, at in enumerate(range(0, int(seconds * 48000), BLOCK)):
+        await asyncio.sleep(max(0.0, start + i * BLOCK / 48000 - time.monotonic()))
+        session.push_audio(audio[:, at : at + BLOCK], 48000)
+    session.end()
+
+
+def test_every_emitted_frame_is_in_the_latency_record(lipsync, speech_48k):
+    """Generated and passed-through frames alike: speech (the model runs), then silence (it does not)."""
+    audio = speech_48k[:, : 4 * 48000].copy()
+    audio[:, int(2.0 * 48000) :] = 0
+
+    async def run():
+        session = LiveSession(lipsync, stride=4)
+        await session.start()
+        frames = itertools.takewhile(lambda f: f.index < 4 * FPS, read_video(MEDIA / "speaker_wide.mp4", FPS))
+        feeder = asyncio.create_task(play_live(session, frames, audio, 48000, FPS))
+        outputs = []
+        while (out := await session.output()) is not None:
+            outputs.append(out)
+        await feeder
+        stats = session.stats()
+        await session.close()
+        return session, stats, outputs
+
+    session, stats, outputs = run_async(run())
+    generated = [out for out in outputs if out.frame.trace.generated]
+    passed = [out for out in outputs if not out.frame.trace.generated]
+    assert generated and passed, (len(generated), len(passed))
+    assert session.latency.frames == stats["frames_out"] == len(outputs)
+    assert session.latency.untraced == 0
+    assert stats["frames_traced"] == len(outputs)
+    assert session.latency.frames_generated == len(generated) == session.generation.frames_generated
+    for out in outputs:
+        trace = out.frame.trace
+        assert trace.captured_at is not None and trace.due_at is not None
+        assert {"face", "audio", "windows", "model", "paste"} <= trace.marks.keys(), trace.marks
+    # A generated frame waited for its window and the model: it cannot be faster than the stride.
+    assert stats["latency_generated_ms"]["p50"] >= 1000 * 3 / FPS
+    assert stats["latency_passed_ms"]["p50"] > 0
+
+
+def test_latency_counts_from_when_the_picture_arrived(lipsync, speech_48k):
+    """A camera picture that arrived 0.5 s ago is 0.5 s old when it leaves, whatever tick carried it."""
+    image = next(iter(read_video(MEDIA / "speaker_wide.mp4", FPS))).image
+
+    async def run():
+        session = LiveSession(lipsync, vad=False)
+        await session.start()
+        arrived = time.monotonic() - 0.5
+        session.push_video(image, captured_at=arrived)
+        feeder = asyncio.create_task(feed_audio(session, speech_48k, 1.0))
+        outputs = []
+        while (out := await session.output()) is not None:
+            outputs.append(out)
+        await feeder
+        stats = session.stats()
+        await session.close()
+        return arrived, stats, outputs
+
+    arrived, stats, outputs = run_async(run())
+    assert len(outputs) >= 20
+    # The very value pushed, carried through every stage (no arithmetic: exact).
+    assert all(out.frame.trace.captured_at == arrived for out in outputs)
+    assert stats["latency_ms"]["p50"] >= 500
+
+
+def test_two_pushes_before_the_audio_stage_drains_pad_the_late_start_once(lipsync, speech_48k):
+    """The microphone starts 0.2 s after the clock; its first two blocks land before any drain."""
+    session = LiveSession(lipsync, vad=False)
+    session._clock()  # the clock starts (a camera picture, or an avatar session starting)
+    time.sleep(0.2)
+    session.push_audio(speech_48k[:, :BLOCK], 48000)
+    session.push_audio(speech_48k[:, BLOCK : 2 * BLOCK], 48000)
+    features = session._audio_stage.features
+    assert features.received_seconds == 0  # nothing drained yet: the worker thread has not run
+    session._audio_stage._drain()
+    # Leading silence (>= 0.2 s, pushed once) + 40 ms of audio, less what the resampler still holds.
+    assert 0.2 + 0.03 <= features.received_seconds <= 0.2 + 0.04 + 0.02, features.received_seconds
+    audio, start = session._input_audio.playback.read(0.0, 0.2)
+    assert not audio.any()  # the late start is silence on the playback clock too
+
+
+class SlowModel:
+    """The tiny model, but every denoise takes ``delay`` seconds more; tells when one is under way."""
+
+    def __init__(self, model, delay: float):
+        self.model, self.resolution, self.delay = model, model.resolution, delay
+        self.denoising = threading.Event()
+
+    def encode_condition(self, faces):
+        return self.model.encode_condition(faces)
+
+    def denoise(self, *args):
+        self.denoising.set()
+        time.sleep(self.delay)
+        return self.model.denoise(*args)
+
+    def decode(self, latents, faces):
+        return self.model.decode(latents, faces)
+
+
+def test_closing_one_session_does_not_stall_another(lipsync, speech_48k, portrait):
+    """Close a session whose model call has 1 s left: the other session's frames keep their spacing."""
+    slow_model = SlowModel(lipsync.generator, delay=1.0)
+    slow = LipSync(lipsync.config, slow_model, lipsync.audio_encoder, lipsync.device)
+    steady = LipSync(lipsync.config, BypassModel(lipsync.generator.resolution), lipsync.audio_encoder,
+                     lipsync.device)
+
+    async def run():
+        closing = LiveSession(slow, avatar=portrait, vad=False, late_after=None)
+        watched = LiveSession(steady, avatar=portrait, vad=False)
+        await closing.start()
+        await watched.start()
+        feeders = [asyncio.create_task(feed_audio(s, speech_48k, 6.0)) for s in (closing, watched)]
+        emitted = []
+
+        async def watch():
+            while await watched.output() is not None:
+                emitted.append(time.monotonic())
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(1.5)  # let the watched session settle into its pace
+        assert await asyncio.to_thread(slow_model.denoising.wait, 5.0)
+        await asyncio.sleep(0.1)  # well inside the 1 s call
+        close_started = time.monotonic()
+        await closing.close()
+        close_ended = time.monotonic()
+        await asyncio.sleep(1.5)
+        await watched.close()
+        for task in feeders + [watcher]:
+            task.cancel()
+        return emitted, close_started, close_ended
+
+    emitted, close_started, close_ended = run_async(run())
+    around = [t for t in emitted if close_started - 0.2 <= t <= close_ended + 1.0]
+    assert len(around) >= 20
+    gaps = np.diff(around)
+    assert gaps.max() <= 2 / FPS, f"the other session's output stalled {1000 * gaps.max():.0f} ms"
+
+
+def test_the_shared_sampler_is_read_only(lipsync):
+    """Timesteps are fixed when the sampler is built; windows denoised from several threads at once
+    give what they give one after another, and leave the scheduler as it was."""
+    model = lipsync.generator
+    sampler = model.sampler
+    timesteps = sampler.timesteps.clone()
+    calls = []
+    original = sampler.scheduler.set_timesteps
+    sampler.scheduler.set_timesteps = lambda *a, **k: calls.append(a)
+    try:
+        generator = torch.Generator().manual_seed(5)
+        latent = model.resolution // 8
+        windows = []
+        for _ in range(4):
+            condition = torch.randn((8, 9, latent, latent), generator=generator)
+            audio = torch.randn((8, 50, 384), generator=generator)
+            known = torch.randn((4, 4, latent, latent), generator=generator)
+            windows.append((condition, audio, known))
+        serial = [model.denoise(*window) for window in windows]
+        together: list = [None] * len(windows)
+
+        def work(i):
+            together[i] = model.denoise(*windows[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(windows))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sampler.scheduler.set_timesteps = original
+    assert calls == []
+    assert torch.equal(sampler.timesteps, timesteps)  # integer timesteps
+    for one, other in zip(serial, together):
+        # Same inputs, same machine, same process: only thread scheduling differs.
+        torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-5)
+        assert one.abs().mean() > 0.1
