@@ -10,6 +10,9 @@ from models.checkpoints import CheckpointMismatchError, load_unet_checkpoint, sa
 from models.unet import UNet3DConditionModel
 
 ATOL = RTOL = 1e-4
+# A rebuilt position table is sin/cos of fp32 arguments up to 23 (ulp 1.9e-6), and vectorised exp and
+# sin round differently from one CPU to another (9.4e-7 from the stored table on one AVX-512 machine).
+TABLE_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_saved_checkpoint_round_trips(tmp_path, model_config, reference_state, s
     copy = UNet3DConditionModel.from_config(model_config)
     load_unet_checkpoint(copy, tmp_path / f"unet{suffix}")
     for (name, ours), theirs in zip(copy.state_dict().items(), source.state_dict().values()):
-        assert torch.equal(ours, theirs), name
+        assert torch.equal(ours, theirs), name  # saving and loading copies: exact on any machine
 
 
 def test_position_tables_may_be_absent(tmp_path, model_config, reference_state, io):
@@ -78,8 +81,9 @@ def test_position_tables_may_be_absent(tmp_path, model_config, reference_state, 
     report = load_unet_checkpoint(model, tmp_path / "no_pe.pt")
 
     assert report.complete and sorted(report.rebuilt) == sorted(tables) and len(tables) == 12
-    for name, table in tables.items():
-        assert torch.equal(model.get_buffer(name), table), name
+    for name, table in tables.items():  # NaN, where a table was not rebuilt, fails assert_close too
+        torch.testing.assert_close(model.get_buffer(name), table, rtol=0, atol=TABLE_ATOL,
+                                   msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(output_of(model, io), io["output"], atol=ATOL, rtol=RTOL)
 
 

@@ -1,7 +1,5 @@
 """The Whisper encoder against the LatentSync fixtures, OpenAI's checkpoint format and openai-whisper."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -11,15 +9,6 @@ from models.whisper_encoder import WhisperDims, WhisperEncoder, load_openai_chec
 from stream.audio_features import log_mel
 
 FEATURE_ATOL = 1e-4  # measured: 3.8e-6 from the whisper_io mel, 9.7e-6 from the waveform
-
-
-def state_sha256(module: torch.nn.Module) -> str:
-    """The fixture's recipe: key bytes then fp32 little-endian bytes, in state-dict order."""
-    digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.float().contiguous().numpy().astype("<f4").tobytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +28,18 @@ def layers(encoder, padded_mel):
         return encoder(padded_mel)
 
 
-def test_seeded_encoder_reproduces_fixture_weights(encoder, whisper_summary):
+def test_seeded_encoder_reproduces_fixture_weights(encoder, whisper_summary, whisper_io, layers):
+    """By value, through upstream's stored features: layer 0 pins the conv stem and the position
+    table, each later layer one more block. The fixture's ``encoder_state_dict_sha256`` is not used:
+    torch.randn's Box-Muller is vectorised and rounds with the CPU's vector width
+    (ATEN_CPU_CAPABILITY=default moves 66 of 67 tensors by up to 1.2e-7 and misses the hash), so
+    it holds on some machines only."""
     names_shapes = [[name, list(p.shape)] for name, p in encoder.named_parameters()]
     assert names_shapes == whisper_summary["encoder_parameter_order"]
-    assert state_sha256(encoder) == whisper_summary["encoder_state_dict_sha256"]
+    reference = torch.from_numpy(whisper_io["whisper_feature"]).transpose(0, 1)  # (5, 100, 384)
+    for layer, (ours, theirs) in enumerate(zip(layers[0, :, :100], reference)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=FEATURE_ATOL,
+                                   msg=lambda m: f"layer {layer}: {m}")
 
 
 def test_seeded_encoder_leaves_global_rng_alone(whisper_summary):
@@ -77,6 +74,7 @@ def test_encode_features_walks_30s_segments_like_upstream():
     with torch.inference_mode():
         first = encoder(mel[None, :, :3000])[0].transpose(0, 1)
         last = encoder(F.pad(mel[:, 3000:], (0, 2599))[None])[0, :, :200].transpose(0, 1)
+    # the same forward on the same padded segments, in one process: bit-identical
     assert torch.equal(features[:1500], first)
     assert torch.equal(features[1500:], last)
     assert encoder.encode_features(mel[:, :7]).shape == (3, 3, 64)
@@ -96,7 +94,11 @@ def test_openai_checkpoint_loads_and_reproduces_features(encoder, whisper_summar
     torch.save(openai_checkpoint(encoder, whisper_summary), path)
     loaded = load_openai_checkpoint(path)
     assert loaded.dims == encoder.dims
-    assert state_sha256(loaded) == whisper_summary["encoder_state_dict_sha256"]
+    # Saving and loading copies the fp32 values, so the copy is exact on any machine, and so is
+    # the same forward run on it in this process.
+    assert list(loaded.state_dict()) == list(encoder.state_dict())
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, encoder.state_dict()[name]), name
     with torch.inference_mode():
         assert torch.equal(loaded(padded_mel), layers)
 
