@@ -14,7 +14,10 @@ import pytest
 from media_helpers import CAMERA_SIZE, ServerThread, make_camera_files
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium package at /usr/bin/chromium (apt-get install chromium), driven by the "
+           "playwright pip package from the test extra; never `playwright install`")
 
 FRAMES = 50
 TIMEOUT_MS = 75_000
