@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import wave
@@ -193,3 +194,26 @@ def test_bench_writes_json(tmp_path):
     assert {"config", "device", "frames", "fps", "stages_ms_per_frame"} <= set(figures)
     assert figures["frames"] == 33 and figures["fps"] > 0
     assert {"face", "audio", "model", "paste"} <= set(figures["stages_ms_per_frame"])
+
+
+def test_readme_quick_start_runs_on_the_bundled_example(tmp_path):
+    """The README's main command, as written there: it runs on examples/ with nothing beside the repo."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "python run_stream.py file" in line)
+    args = shlex.split(command.split("python run_stream.py", 1)[1])
+    for option in ("--video", "--audio"):
+        assert (REPO / args[args.index(option) + 1]).resolve().is_relative_to(REPO / "examples"), option
+    out = tmp_path / "out.mp4"
+    args[args.index("--out") + 1] = str(out)
+
+    result = run_cli(*args)
+
+    assert result.returncode == 0, result.stderr
+    with wave.open(str(REPO / args[args.index("--audio") + 1])) as speech:
+        frames = round(speech.getnframes() / speech.getframerate() * 25)
+    assert frames == 100  # the example's 4 s
+    assert f"{frames} frames (0 without a face)" in result.stdout
+    assert len(list(decode(out))) == frames
+    durations = stream_durations(out)
+    assert set(durations) == {"video", "audio"}
+    assert abs(durations["video"] - durations["audio"]) <= 0.040
