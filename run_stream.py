@@ -26,8 +26,8 @@ def _arguments() -> argparse.ArgumentParser:
         prog="run_stream.py", description="Real-time, streaming lip-sync (LatentSync architecture).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def job_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--video", required=True,
+    def job_options(command: argparse.ArgumentParser, video_required: bool = True) -> None:
+        command.add_argument("--video", required=video_required,
                              help="input video: a file or any FFmpeg URL; its face gets the new mouth")
         command.add_argument("--audio",
                              help="driving speech (any container, rate or channels); default: the video's "
@@ -60,7 +60,7 @@ def _arguments() -> argparse.ArgumentParser:
         "bench", help="measure throughput and time per stage",
         description="Run the file pipeline and report frames per second and milliseconds per frame for "
                     "each stage, as a table and optionally as JSON.")
-    job_options(bench)
+    job_options(bench, video_required=False)  # required unless --webrtc, checked in main()
     bench.add_argument("--json", help="write the figures to this JSON file")
     bench.add_argument("--live", action="store_true",
                        help="play the clip in real time through a live session: adds latency (p50/p95/max), "
@@ -70,6 +70,15 @@ def _arguments() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
     bench.add_argument("--seconds", type=float, help="only the first SECONDS of the audio")
     bench.add_argument("--no-vad", action="store_true", help="live: run the model through silence too")
+    bench.add_argument("--webrtc", action="store_true",
+                       help="glass to glass: an aiortc peer sends a stamped clip to `serve` (started here, "
+                            "on loopback) and times what comes back: latency, time to first frame, A/V "
+                            "offset, fraction of frames the model changed (bench/glass_to_glass.py). "
+                            "--video defaults to a talking-head clip from the shared media, --audio to "
+                            "speech_16k.wav, --seconds to 60; --stride/--no-vad go to the session")
+    bench.add_argument("--size", default="374x398",
+                       help="webrtc: WIDTHxHEIGHT of the default clip (default: 374x398)")
+    bench.add_argument("--url", help="webrtc: probe this running server (http://HOST:PORT) instead")
 
     download = commands.add_parser(
         "download", help="fetch a config's official weights into the hub cache",
@@ -204,6 +213,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
 
     from stream.config import ConfigError, load_config, with_vae
     from stream.live import LiveSession
+    from stream.session_options import OptionError, SessionOptions
     from stream.mouth_mask import mouth_mask
     from stream.pipeline import LipSync
     from stream.runner import run_async
@@ -219,7 +229,8 @@ def _bench_live(args: argparse.Namespace) -> dict:
         if not probe(args.video).has_video:
             raise UserError(f"{args.video}: no video stream")
         speech_16k, speech_48k = read_audio(args.audio or args.video)
-    except (ConfigError, MediaError) as exc:
+        options = SessionOptions(stride=args.stride, vad=not args.no_vad)
+    except (ConfigError, MediaError, OptionError) as exc:
         raise UserError(str(exc)) from None
     fps = int(config["fps"])
     if args.seconds:
@@ -230,7 +241,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
                                   checkpoints=args.checkpoints)
 
     async def run() -> tuple[dict, LiveSession, np.ndarray]:
-        session = LiveSession(lipsync, stride=args.stride, vad=not args.no_vad, record=True)
+        session = LiveSession(lipsync, options=options, record=True)
         await session.start()
         audio_out = []
         frames = ping_pong(read_video(args.video, fps), n_frames, fps)
@@ -258,6 +269,22 @@ def _bench_live(args: argparse.Namespace) -> dict:
             "av_offset_ms": round(1000 * lag / OUTPUT_AUDIO_RATE, 2),
             "frames_without_face": session.face_tracking.frames_without_face,
             "seconds": round(n_frames / fps, 2)}
+
+
+def _bench_webrtc(args: argparse.Namespace) -> dict:
+    """bench --webrtc: the glass-to-glass probe, bench/glass_to_glass.py (importable from a checkout)."""
+    from bench.glass_to_glass import ProbeError, Settings, measure, parse_size
+
+    forwarded = [f"--{name}={value}" for name, value, default in (
+        ("device", args.device, "auto"), ("precision", args.precision, "auto"), ("vae", args.vae, "kl"),
+        ("checkpoints", args.checkpoints, None)) if value != default]
+    # Session options only where they differ from the session's defaults (stride 4, VAD on).
+    options = {**({"stride": args.stride} if args.stride != 4 else {}), **({"vad": False} if args.no_vad else {})}
+    try:
+        return measure(Settings(args.video, args.audio, args.config, args.seconds or 60.0,
+                                parse_size(args.size), args.url, options, tuple(forwarded)))
+    except ProbeError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _best_lag(reference, signal, max_lag: int) -> int:
@@ -302,7 +329,10 @@ def _print_live_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _arguments().parse_args(argv)
+    parser = _arguments()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and not args.webrtc and not args.video:
+        parser.error("the following arguments are required: --video")
     try:
         if args.command == "file":
             result = _run_file(args, args.out, progress=not args.quiet)
@@ -312,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             _serve(args)
         elif args.command == "download":
             _download(args)
+        elif args.command == "bench" and args.webrtc:
+            from bench.glass_to_glass import print_table
+
+            result = _bench_webrtc(args)
+            print_table(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
         elif args.command == "bench" and args.live:
             result = _bench_live(args)
             _print_live_table(result)

@@ -18,7 +18,7 @@ import torch
 
 from models.whisper_encoder import SEGMENT_FRAMES, WhisperEncoder
 from stream.audio_features import SAMPLE_RATE, chunk_rows, log10_mel, normalise_mel
-from stream.frames import FaceFrame
+from stream.frames import Control, FaceFrame
 
 HOP = 160  # samples per mel frame
 # A mel frame is centred on its hop and reaches 200 samples (half the FFT) past it.
@@ -157,6 +157,15 @@ class StreamingAudio:
         for frame in out:
             frame.speech = self._next_speech(frame)
         return out
+
+    def control(self, command: Control) -> None:
+        if command.kind == "interrupt":  # the mouth is idle at once, not after a fade
+            self._speech = 0.0 if self.vad is not None else 1.0
+        elif command.kind == "options":
+            options = command.value
+            self.fade_step = 1.0 / options.fade_frames
+            self.batch = options.stride
+            self.features.context_mel = int(options.context_seconds * SAMPLE_RATE / HOP) // 2 * 2
 
     def _next_speech(self, frame: FaceFrame) -> float:
         if frame.audio is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stream.face_alignment import FaceAligner
 from stream.face_landmarks import FaceLandmarker
-from stream.frames import FaceFrame, VideoFrame
+from stream.frames import Control, FaceFrame, VideoFrame
 
 # After this many frames without a face the smoothing state is stale: the next face starts fresh.
 FORGET_AFTER_MISSES = 5
@@ -29,6 +29,12 @@ class FaceTracking:
             return [FaceFrame(frame, None)]
         self._misses = 0
         return [FaceFrame(frame, self.aligner.align(frame.image, points))]
+
+    def control(self, command: Control) -> None:
+        if command.kind == "avatar":  # another face: nothing to track or smooth from
+            self.aligner.reset()
+            self.landmarker.reset()
+            self._misses = 0
 
     def flush(self) -> list[FaceFrame]:
         self.close()

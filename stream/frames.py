@@ -8,6 +8,7 @@ time without knowing where the media came from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +105,20 @@ class GeneratedFrame:
 
     def stamp(self, stage: str, now: float) -> None:
         self.source.stamp(stage, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A command that travels through the pipeline in order with the frames, as END does.
+
+    Each stage with a ``control(command)`` method applies it on its own thread when it gets there,
+    so frames before it were made under the old state and frames after it under the new.
+    ``kind``: "interrupt" (forget the speech in progress), "avatar" (``value``: the new avatar's
+    frames; forget the old face) or "options" (``value``: the new SessionOptions).
+    """
+
+    kind: str
+    value: Any = None
 
 
 @dataclass(slots=True)

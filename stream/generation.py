@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.lipsync import FaceGenerator
-from stream.frames import FaceFrame, GeneratedFrame, Window
+from stream.frames import Control, FaceFrame, GeneratedFrame, Window
 
 
 def faces_to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
@@ -104,6 +104,12 @@ class Generation:
             return mouth
         original = frame.face.image.astype(np.float32)
         return np.rint(original + frame.speech * (mouth.astype(np.float32) - original)).astype(np.uint8)
+
+    def control(self, command: Control) -> None:
+        if command.kind in ("interrupt", "avatar"):  # no latents carried into what follows
+            self._ring.clear()
+        elif command.kind == "options":
+            self.late_after = command.value.late_after
 
     def _forget_before(self, index: int) -> None:
         for stale in [i for i in self._ring if i < index]:

@@ -14,27 +14,48 @@ Policies, each counted in ``stats()``:
   (``clock_slips``), so later frames keep their spacing instead of bunching up; the playout
   delay then eases back down to what recent frames needed;
 - output nobody reads is bounded (``dropped_outputs``).
+
+Control travels in-band: ``interrupt()``, ``switch_avatar()`` and ``update_options()`` queue a
+``Control`` that enters the pipeline between two ticks and reaches each stage in order with the
+frames, on the stage's own thread (no stage is touched from outside). What must be immediate
+happens on the event loop, which owns the clock and the output: an interrupt drops the program's
+queued audio at once, and every frame already in flight leaves as the idle avatar with silence.
+
+A ``program`` session is an avatar driven by audio that a program writes (``write_audio``, PCM
+s16le in the format declared at creation): it waits in a bounded buffer and is played on the
+media clock, silence between utterances. Events (speech_started, speech_ended, interrupted,
+buffer_full, error, closed) go to every listener as JSON-ready dicts stamped with the media time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
 from stream.audio_stream import StreamingAudio
 from stream.face_tracking import FaceTracking
-from stream.frames import Trace, VideoFrame
+from stream.broadcast import Broadcast
+from stream.frames import Control, Trace, VideoFrame
 from stream.generation import Generation
 from stream.input_audio import InputAudio
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
+from stream.program_audio import BufferFull, ProgramAudio
 from stream.runner import Pipeline
+from stream.session_options import AudioFormat, OptionError, SessionOptions
 
+log = logging.getLogger(__name__)
+
+# Program audio is pushed this far ahead of the clock: it is all there already, and a frame whose
+# audio (with its right context) is in when its tick comes waits for nothing.
+PROGRAM_LEAD = 0.2
+PROGRAM_PERIOD = 0.02
 
 
 @dataclass
@@ -62,33 +83,45 @@ class _OutputSink:
         self._loop.call_soon_threadsafe(self._put, frame)
         return []
 
+    def control(self, command: Control) -> None:
+        pass  # the loop acted on it when it was given
+
     def flush(self) -> list:
         self._loop.call_soon_threadsafe(self._put, None)
         return []
 
 
 class LiveSession:
-    def __init__(self, lipsync: LipSync, *, avatar: np.ndarray | list[np.ndarray] | None = None,
-                 stride: int = 4, late_after: float | None = 0.4, context_seconds: float = 2.0,
-                 vad: bool = True, fade_frames: int = 3, queue_size: int = 8, record: bool = False):
+    def __init__(self, lipsync: LipSync, *, name: str = "", kind: str = "camera",
+                 avatar: np.ndarray | list[np.ndarray] | None = None, options: SessionOptions | None = None,
+                 audio_format: AudioFormat | None = None, queue_size: int = 8, record: bool = False):
         self.lipsync = lipsync
+        self.name = name
+        self.kind = kind
         self.fps = int(lipsync.config["fps"])
-        self._avatar = ([avatar] if isinstance(avatar, np.ndarray) else avatar) if avatar is not None else None
-        if self._avatar is not None:
-            self._avatar = self._avatar + self._avatar[-2:0:-1]  # loop a clip forward-backward
-        self._audio_stage = StreamingAudio(lipsync.audio_encoder, self.fps, context_seconds, vad,
-                                           fade_frames, batch=stride)
-        self._options = dict(stride=stride, late_after=late_after, record=record)
+        self.options = options or SessionOptions()
+        self._avatar = _loop_frames(avatar)
+        self._audio_stage = StreamingAudio(lipsync.audio_encoder, self.fps, self.options.context_seconds,
+                                           self.options.vad, self.options.fade_frames, batch=self.options.stride)
+        self._record = record
         self._queue_size = queue_size
         self._input_audio = InputAudio(self._audio_stage.push)
+        self._program = (ProgramAudio(audio_format, self.options.buffer_seconds)
+                         if audio_format is not None else None)
         self._latest: tuple[np.ndarray, float] | None = None  # the newest picture and when it arrived
+        self._controls: collections.deque[Control] = collections.deque()
         self._t0: float | None = None
         self._ending = False
         self._closed = False
         self._anchor: float | None = None
         self._first_output_at: float | None = None
         self._last_output_at: float | None = None
+        self._shown_until = 0.0  # media time up to which frames have been emitted
+        self._mute_until = 0.0  # frames before this media time leave idle and silent (an interrupt)
+        self.opened = time.monotonic()
+        self._last_activity = self.opened
         self.frames_out = 0
+        self.frames_interrupted = 0
         self.clock_slips = 0
         self.dropped_ticks = 0
         self.latency = LatencyLog()
@@ -97,7 +130,11 @@ class LiveSession:
         self.stages: list = []
         self.generation: Generation | None = None
         self.face_tracking: FaceTracking | None = None
+        self.broadcast = Broadcast(self)
         self._task: asyncio.Task | None = None
+        self._program_task: asyncio.Task | None = None
+        self._listeners: list[Callable[[dict], None]] = []
+        self._closed_callbacks: list[Callable[[], None]] = []
         self.error: BaseException | None = None
 
     # -- input -----------------------------------------------------------------------------
@@ -117,9 +154,90 @@ class LiveSession:
         """(channels, n) samples at ``rate``, as they arrive; their place on the clock is now."""
         self._input_audio.push(samples, rate, self._clock())
 
+    def write_audio(self, pcm: bytes) -> float:
+        """Queue a program's PCM s16le (whole samples, the declared format); returns its seconds.
+
+        Raises ValueError (stream.program_audio.AudioRejected) for a chunk that cannot be taken;
+        a full buffer also sends ``buffer_full``. Nothing of a rejected chunk is kept.
+        """
+        if self._program is None:
+            raise ValueError(f"session {self.name!r} is a {self.kind} session: only program sessions take audio")
+        try:
+            seconds = self._program.write(pcm)
+        except BufferFull:
+            self._emit("buffer_full", buffered_seconds=round(self._program.buffered_seconds, 3),
+                       capacity_seconds=self.options.buffer_seconds)
+            raise
+        self._last_activity = time.monotonic()
+        return seconds
+
     def end(self) -> None:
         """No more input: the pipeline drains and ``output()`` then returns None."""
         self._ending = True
+
+    # -- control -----------------------------------------------------------------------------
+
+    def interrupt(self) -> dict:
+        """Barge-in: drop the queued speech, and show the idle avatar from the next frame out.
+
+        Returns the ``interrupted`` event: the position reached in the utterance being played.
+        """
+        if self._program is None:
+            raise ValueError(f"session {self.name!r} is a {self.kind} session: only program sessions "
+                             "can be interrupted")
+        dropped = self._program.clear()
+        pushed = self._program.taken / self._program.format.rate
+        # Everything pushed but not shown yet is speech nobody should hear now.
+        self._mute_until = max(self._mute_until, pushed)
+        utterances = self._program.utterances
+        current = utterances[0] if utterances else None
+        position = max(0.0, self._shown_until - current.start) if current and current.started else 0.0
+        utterances.clear()
+        self._controls.append(Control("interrupt"))
+        return self._emit("interrupted", position=round(position, 3),
+                          dropped_seconds=round(dropped + max(0.0, pushed - self._shown_until), 3))
+
+    def switch_avatar(self, avatar: np.ndarray | list[np.ndarray], avatar_id: str = "") -> dict:
+        """Show another avatar from the next tick on (avatar and program sessions)."""
+        if self._avatar is None:
+            raise ValueError(f"session {self.name!r} is a camera session: it has no avatar to switch")
+        self._controls.append(Control("avatar", _loop_frames(avatar)))
+        return self._emit("avatar_switched", avatar=avatar_id)
+
+    def update_options(self, changes: dict) -> dict:
+        """Change options mid-stream (checked like at creation; raises OptionError)."""
+        updated = self.options.updated(changes)
+        if updated.vad != self.options.vad:
+            raise OptionError("option 'vad' is fixed when the session is created")
+        self.options = updated
+        if self._program is not None:
+            self._program.capacity = int(self.options.buffer_seconds * self._program.format.rate)
+        self._controls.append(Control("options", self.options))
+        return self._emit("options_changed", options=self.options.as_json())
+
+    # -- events ------------------------------------------------------------------------------
+
+    def listen(self, listener: Callable[[dict], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` on the event loop for every event; returns the way to stop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def report_error(self, message: str) -> dict:
+        """A transport's error about this session (a bad message, say), told to every listener."""
+        return self._emit("error", message=message)
+
+    def _emit(self, event: str, media_time: float | None = None, **fields) -> dict:
+        body = {"event": event, "session": self.name,
+                "media_time": round(self._shown_until if media_time is None else media_time, 3), **fields}
+        for listener in list(self._listeners):
+            try:
+                listener(body)
+            except Exception:
+                log.exception("event listener failed")
+        return body
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        self._closed_callbacks.append(callback)
 
     # -- pipeline --------------------------------------------------------------------------
 
@@ -127,12 +245,28 @@ class LiveSession:
         loop = asyncio.get_running_loop()
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._sink = _OutputSink(loop, self._outputs, limit=4 * self.fps)
-        self.stages = self.lipsync.stages(self._audio_stage, self._sink, **self._options)
+        self.stages = self.lipsync.stages(self._audio_stage, self._sink, stride=self.options.stride,
+                                          late_after=self.options.late_after, record=self._record)
         self.generation: Generation = LipSync.find(self.stages, Generation)
         self.face_tracking: FaceTracking = LipSync.find(self.stages, FaceTracking)
         self._pipeline = Pipeline(self.stages, self._queue_size)
         self._task = asyncio.create_task(self._pipeline.run(self._ticks()))
         self._task.add_done_callback(self._pipeline_ended)
+        if self._program is not None:
+            self._clock()
+            self._program_task = asyncio.create_task(self._play_program())
+            self.broadcast.start()  # its clock and events run whether or not anyone watches
+
+    async def _play_program(self) -> None:
+        """Move the program's audio onto the clock at real-time pace: speech, else silence."""
+        rate = self._program.format.rate
+        pushed = 0
+        while not self._closed:
+            due = round((time.monotonic() - self._t0 + PROGRAM_LEAD) * rate)
+            if due > pushed:
+                self._input_audio.push(self._program.take(due - pushed), rate, pushed / rate)
+                pushed = due
+            await asyncio.sleep(PROGRAM_PERIOD)
 
     def _pipeline_ended(self, task: asyncio.Task) -> None:
         """A pipeline that fails ends the output too, instead of leaving readers waiting forever."""
@@ -140,7 +274,7 @@ class LiveSession:
             self.error = task.exception()
             self._outputs.put_nowait(None)
 
-    async def _ticks(self) -> AsyncIterator[VideoFrame]:
+    async def _ticks(self) -> AsyncIterator[VideoFrame | Control]:
         """The video source: one frame per tick of the media clock, never blocking on the pipeline."""
         if self._avatar is not None:
             self._clock()
@@ -157,6 +291,11 @@ class LiveSession:
                 await asyncio.sleep(delay)
             if self._ending and self._avatar is None:
                 return
+            while self._controls:
+                command = self._controls.popleft()
+                if command.kind == "avatar":
+                    self._avatar = command.value
+                yield command
             # An avatar's picture is there all along: what its frame shows is the audio at its pts,
             # which arrives at the tick. A camera frame is as old as the picture it carries.
             image, captured_at = ((self._avatar[index % len(self._avatar)], due) if self._avatar is not None
@@ -201,7 +340,28 @@ class LiveSession:
         self.latency.record(frame.trace, emitted)
         audio, audio_start = self._input_audio.playback.read(frame.pts, 1.0 / self.fps)
         self._av_offsets.append(audio_start - frame.pts)
+        if frame.pts < self._mute_until:  # in flight when an interrupt came: idle and silent
+            frame = VideoFrame(frame.index, frame.pts, self._avatar[frame.index % len(self._avatar)], frame.trace)
+            audio = np.zeros_like(audio)
+            self.frames_interrupted += 1
+        self._shown_until = frame.pts + 1.0 / self.fps
+        if self._program is not None:
+            self._report_speech()
         return LiveOutput(frame, audio)
+
+    def _report_speech(self) -> None:
+        """speech_started / speech_ended as the output shows an utterance's first and last frame."""
+        utterances = self._program.utterances
+        while utterances:
+            utterance = utterances[0]
+            if not utterance.started and utterance.start < self._shown_until:
+                utterance.started = True
+                self._emit("speech_started", media_time=utterance.start)
+            if utterance.end is None or utterance.end > self._shown_until:
+                return
+            utterances.popleft()
+            self._emit("speech_ended", media_time=utterance.end,
+                       position=round(utterance.end - utterance.start, 3))
 
     def stats(self) -> dict:
         generation = self.generation
@@ -226,16 +386,32 @@ class LiveSession:
             "late_frames": generation.frames_late if generation else 0,
             "clock_slips": self.clock_slips,
             "silent_frames": self._audio_stage.frames_silent,
+            "interrupted_frames": self.frames_interrupted,
+            "viewers": self.broadcast.sinks,
+            **({"buffered_seconds": round(self._program.buffered_seconds, 3)} if self._program else {}),
             "stages_ms_per_frame": {k: round(1000 * v / frames, 2) for k, v in times.seconds.items()}
             if times else {},
         }
 
-    async def close(self) -> None:
-        """Stop and free everything; safe to call more than once."""
+    def describe(self) -> dict:
+        return {"session": self.name, "kind": self.kind, "seconds": round(time.monotonic() - self.opened, 2),
+                "options": self.options.as_json(), **self.stats()}
+
+    def idle_for(self) -> float:
+        """Seconds since a program last wrote audio; 0 while someone watches."""
+        if self.broadcast.sinks:
+            self._last_activity = time.monotonic()
+        return time.monotonic() - self._last_activity
+
+    async def close(self, reason: str | None = None) -> dict:
+        """Stop and free everything; safe to call more than once. Returns the ``closed`` event."""
         if self._closed:
-            return
+            return {"event": "closed", "session": self.name, "media_time": round(self._shown_until, 3)}
         self._closed = True
         self._ending = True
+        if self._program_task is not None:
+            self._program_task.cancel()
+        await self.broadcast.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -243,12 +419,24 @@ class LiveSession:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
-        for stage in self.stages:
-            closer = getattr(stage, "close", None)
-            if closer is not None:
-                closer()
+        closers = [stage.close for stage in self.stages if hasattr(stage, "close")]
+        if closers:  # freeing a face tracker's graph takes a while: not on the loop other sessions use
+            await asyncio.to_thread(lambda: [close() for close in closers])
+        closed = self._emit("closed", **({"reason": reason} if reason else {}))
+        self._listeners.clear()
+        for callback in self._closed_callbacks:
+            callback()
+        return closed
 
     async def wait_closed(self) -> None:
         """Until the pipeline has drained after ``end()``."""
         if self._task is not None:
             await self._task
+
+
+def _loop_frames(avatar: np.ndarray | list[np.ndarray] | None) -> list[np.ndarray] | None:
+    """An avatar's frames as the ticks play them: a portrait, or a clip looped forward-backward."""
+    if avatar is None:
+        return None
+    frames = [avatar] if isinstance(avatar, np.ndarray) else list(avatar)
+    return frames + frames[-2:0:-1]

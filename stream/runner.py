@@ -1,7 +1,8 @@
 """Runs an ordered list of stages as asyncio tasks joined by bounded queues.
 
-A stage is a small object with a ``name``, a blocking ``process(item) -> list`` and a
-``flush() -> list`` called once at the end of the stream. Each stage runs on its own single
+A stage is a small object with a ``name``, a blocking ``process(item) -> list``, a
+``flush() -> list`` called once at the end of the stream and, optionally, ``control(command)``
+for the ``Control`` commands that travel between the frames. Each stage runs on its own single
 worker thread: the event loop stays free for I/O, the heavy numeric stages overlap each other,
 and a stage's state is only ever touched by one thread. The end of the stream travels through
 the same queues as the media (``END``), so stages never race a side channel.
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Iterable, Iterator, Protocol
 
-from stream.frames import StageTimes
+from stream.frames import Control, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             item = await inbox.get()
+            if isinstance(item, Control):
+                handler = getattr(stage, "control", None)
+                if handler is not None:
+                    await loop.run_in_executor(executor, handler, item)
+                await outbox.put(item)
+                continue
             call = (stage.flush,) if item is END else (stage.process, item)
             started = time.perf_counter()
             results = await loop.run_in_executor(executor, *call)

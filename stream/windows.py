@@ -10,7 +10,7 @@ waiting for ``size`` frames, so the first output is one stride away, not one win
 
 from __future__ import annotations
 
-from stream.frames import FaceFrame, Window
+from stream.frames import Control, FaceFrame, Window
 
 
 class Windowing:
@@ -26,7 +26,13 @@ class Windowing:
 
     def process(self, frame: FaceFrame) -> list[Window]:
         self._new.append(frame)
-        return self.flush() if len(self._new) == self.stride else []
+        return self.flush() if len(self._new) >= self.stride else []
+
+    def control(self, command: Control) -> None:
+        if command.kind in ("interrupt", "avatar"):  # what follows does not continue what came before
+            self._context = []
+        elif command.kind == "options":
+            self.stride = command.value.stride
 
     def flush(self) -> list[Window]:
         if not self._new:

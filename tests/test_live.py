@@ -20,6 +20,7 @@ from stream.face_landmarks import FaceLandmarker
 from stream.frames import FaceFrame
 from stream.generation import Generation, faces_to_tensor, tensor_to_faces
 from stream.live import LiveSession
+from stream.session_options import SessionOptions
 from stream.mouth_mask import mouth_mask
 from stream.pipeline import LipSync
 from stream.runner import run_async
@@ -138,7 +139,8 @@ def test_smaller_stride_lowers_the_seam_ratio(lipsync, face_frames):
 
 def play(lipsync, seconds: float, audio_48k: np.ndarray, **options) -> tuple[dict, list, np.ndarray]:
     async def run():
-        session = LiveSession(lipsync, **options)
+        record = options.pop("record", False)
+        session = LiveSession(lipsync, options=SessionOptions(**options), record=record)
         await session.start()
         frames = itertools.takewhile(lambda f: f.index < int(seconds * 25), read_video(SPEAKER, 25))
         feeder = asyncio.create_task(play_live(session, frames, audio_48k[:, : int(seconds * 48000)], 48000, 25))

@@ -131,7 +131,7 @@ def test_camera_mode_with_an_aiortc_peer(server, camera_files):
     assert set(received.video_sizes) == {CAMERA_SIZE}, "the camera's own size comes back"
     assert received.audio_samples >= 48_000 * FRAMES / 25 / 2 and received.audio_rates == {48_000}
     live = received.server_view["sessions"][received.session]
-    assert live["mode"] == "camera"
+    assert live["kind"] == "camera"
     assert live["frames_generated"] > 0, "frames went through the model"
     assert received.stats and received.stats[-1]["session"] == received.session
     assert {"fps", "latency_ms", "av_offset_ms", "frames_out"} <= set(received.stats[-1])

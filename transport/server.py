@@ -1,57 +1,49 @@
-"""``run_stream.py serve``: the page, WebRTC signalling and avatar uploads over aiohttp.
+"""``run_stream.py serve``: the page, WebRTC signalling, the session API and avatar uploads over aiohttp.
 
-    GET  /            the page (transport/static/index.html, app.js)
-    POST /offer       {"sdp", "type": "offer", "mode": "camera"|"avatar", "avatar": ID, "options": {}}
-                      -> {"sdp", "type": "answer", "session": ID}; 400 on bad input, 503 when full
-    POST /avatar      multipart "file": a portrait (png/jpeg/webp) or a clip (mp4/webm/mov) with a face
-                      -> {"avatar": ID, "frames", "width", "height"}
-    GET  /avatars     the avatars a session can choose ("default" is the one given with --avatar)
-    GET  /sessions    live counters per session, and the last sessions that closed
-    GET  /ice         the STUN/TURN servers the page should use too
+    GET  /                       the page (transport/static/index.html, app.js)
+    POST /offer                  {"sdp", "type": "offer", "mode": "camera"|"avatar"|"viewer",
+                                  "avatar": ID, "session": NAME (viewer), "options": {}}
+                                 -> {"sdp", "type": "answer", "session": NAME}; 400 bad input, 503 full
+    POST /sessions               create a program session: {"session": NAME?, "avatar": ID|"default",
+                                  "audio": {"rate", "channels"}, "options": {}} -> its description
+    GET  /sessions               every session's counters, and the last ones that closed
+    GET  /sessions/NAME          one session;  DELETE /sessions/NAME closes it
+    POST /sessions/NAME/control  {"cmd": "interrupt" | "avatar" | "options" | "close", ...}
+    GET  /sessions/NAME/audio    WebSocket: binary PCM s16le in (the declared format), JSON commands
+                                 in, the session's events out
+    POST /avatar                 multipart "file": a portrait or a clip with a face -> {"avatar": ID, ...}
+    GET  /avatars                the avatars a session can choose ("default": the one given with --avatar)
+    GET  /ice                    the STUN/TURN servers the page should use too
 
-One ``LipSync`` (the models) is built per server and shared; each offer gets its own
-``LiveSession`` and ``Peer``, so sessions share no media state.
+The models are built once (one ``LipSync``); sessions live in a ``SessionManager`` shared with the
+other transports (MQTT), and this module only translates HTTP, WebSocket and WebRTC to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import tempfile
-import time
-import uuid
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiortc import RTCSessionDescription
 
-from stream.face_landmarks import FaceLandmarker
-from stream.live import LiveSession
-from transport.files import MediaError, read_video
+from stream import commands
+from stream.avatars import AvatarStore, UnknownAvatar
+from stream.program_audio import BufferFull
+from stream.session_options import OptionError, SessionOptions
+from stream.sessions import SessionError, SessionLimit, SessionManager
+from transport.avatar_files import BadInput, load_avatar, load_avatar_file, upload_suffix
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-MODES = ("camera", "avatar")
-IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
-CLIP_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}
-# Avatars live in memory as RGB frames: bound what one upload can cost (640x640x3 x 200 = 245 MB
-# at worst) and how many are kept (least recently used first out; a running session keeps its own).
-AVATAR_LONG_SIDE = 640
-CLIP_SECONDS = 8
+MODES = {"camera": "camera", "avatar": "microphone", "viewer": "viewer"}  # offer mode -> peer role
 KEPT_AVATARS = 8
-RECENT_SESSIONS = 32
 OFFER_MAX_BYTES = 1 << 20  # an SDP offer is a few kB
-# What an offer's "options" may tune in its LiveSession (stream/live.py), with the JSON types allowed.
-SESSION_OPTIONS = {"stride": (int,), "late_after": (int, float, type(None)), "vad": (bool,),
-                   "fade_frames": (int,), "context_seconds": (int, float)}
 
 
 @dataclass(frozen=True)
@@ -62,108 +54,22 @@ class ServeSettings:
     max_upload_mb: float = 20.0
     avatar: str | None = None  # the default avatar (a portrait or a clip); checked at construction
     ice: IceSettings = field(default_factory=IceSettings)
-
-
-class BadInput(ValueError):
-    """Something the client sent that cannot be used: answered with 400 and this message."""
-
-
-@dataclass
-class Avatar:
-    name: str
-    frames: list[np.ndarray]
-
-    def describe(self, avatar_id: str) -> dict:
-        height, width = self.frames[0].shape[:2]
-        return {"avatar": avatar_id, "name": self.name, "frames": len(self.frames),
-                "width": width, "height": height}
-
-    def source(self) -> np.ndarray | list[np.ndarray]:
-        return self.frames[0] if len(self.frames) == 1 else self.frames
-
-
-def load_avatar(data: bytes, suffix: str, name: str, fps: int) -> Avatar:
-    """Decode a portrait or a clip (re-timed to ``fps``) into RGB frames; it must show a face (blocking)."""
-    if suffix in IMAGE_TYPES.values():
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise BadInput(f"{name}: not a readable image")
-        frames = [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)]
-    else:
-        with tempfile.NamedTemporaryFile(suffix=suffix) as clip:
-            clip.write(data)
-            clip.flush()
-            try:
-                frames = [f.image for f in itertools.islice(read_video(clip.name, fps), CLIP_SECONDS * fps)]
-            except MediaError as exc:
-                raise BadInput(f"{name}: not a readable clip ({exc})") from None
-    frames = [_fit(frame) for frame in frames]
-    with FaceLandmarker(static_image=True) as landmarker:
-        if landmarker.alignment_points(frames[0]) is None:
-            raise BadInput(f"{name}: no face found in it (the first frame must show one face)")
-    return Avatar(name, frames)
-
-
-def load_avatar_file(path: str | Path, fps: int) -> Avatar:
-    path = Path(path)
-    try:
-        suffix = upload_suffix(None, path.name)
-        data = path.read_bytes()
-    except BadInput as exc:
-        raise BadInput(f"{path}: {exc}") from None
-    except OSError as exc:
-        raise BadInput(f"{path}: {exc.strerror}") from None
-    return load_avatar(data, suffix, path.name, fps)
-
-
-def _fit(image: np.ndarray) -> np.ndarray:
-    """At most AVATAR_LONG_SIDE pixels on the long side, even sides (what the video encoder wants)."""
-    height, width = image.shape[:2]
-    scale = min(1.0, AVATAR_LONG_SIDE / max(height, width))
-    size = (max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2))
-    if size != (width, height):
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(image)
-
-
-def upload_suffix(content_type: str | None, filename: str | None) -> str:
-    known = {**IMAGE_TYPES, **CLIP_TYPES}
-    if content_type in known:
-        return known[content_type]
-    suffix = Path(filename or "").suffix.lower()
-    aliases = {".jpeg": ".jpg", ".m4v": ".mp4"}
-    suffix = aliases.get(suffix, suffix)
-    if suffix in known.values():
-        return suffix
-    raise BadInput(f"unsupported upload type {content_type or suffix or 'unknown'}: "
-                   "send a png, jpeg or webp portrait, or an mp4, webm or mov clip")
-
-
-@dataclass
-class Session:
-    """A live session as the server tracks it."""
-
-    mode: str
-    peer: Peer
-    opened: float = field(default_factory=time.monotonic)
-
-    def describe(self) -> dict:
-        return {"mode": self.mode, "seconds": round(time.monotonic() - self.opened, 2),
-                **self.peer.session.stats()}
+    max_viewers: int = 8  # WebRTC viewers per session
+    idle_seconds: float = 300.0  # a program session nobody feeds or watches closes after this
 
 
 class LipstreamServer:
-    """The server's state: the shared models, the live sessions and the avatars."""
+    """The HTTP/WebRTC face of a ``SessionManager``: the shared models, sessions and avatars."""
 
-    def __init__(self, lipsync, settings: ServeSettings) -> None:
+    def __init__(self, lipsync, settings: ServeSettings, manager: SessionManager | None = None) -> None:
         self.lipsync = lipsync
         self.settings = settings
-        self.sessions: dict[str, Session] = {}
-        self.recent: deque[dict] = deque(maxlen=RECENT_SESSIONS)
-        self.avatars: OrderedDict[str, Avatar] = OrderedDict()
         self.fps = int(lipsync.config["fps"])
-        self._default_avatar = load_avatar_file(settings.avatar, self.fps) if settings.avatar else None
-        self._reserved = 0
+        self.manager = manager or SessionManager(lipsync, max_sessions=settings.max_sessions,
+                                                 idle_seconds=settings.idle_seconds)
+        default = load_avatar_file(settings.avatar, self.fps) if settings.avatar else None
+        self.avatars = AvatarStore(default, keep=KEPT_AVATARS)
+        self.peers: set[Peer] = set()
         self._uninstall_ice = None
 
     def app(self) -> web.Application:
@@ -171,9 +77,14 @@ class LipstreamServer:
         app.add_routes([
             web.get("/", self.index),
             web.post("/offer", self.offer),
+            web.post("/sessions", self.create_session),
+            web.get("/sessions", self.list_sessions),
+            web.get("/sessions/{name}", self.get_session),
+            web.delete("/sessions/{name}", self.delete_session),
+            web.post("/sessions/{name}/control", self.control_session),
+            web.get("/sessions/{name}/audio", self.session_audio),
             web.post("/avatar", self.upload_avatar),
             web.get("/avatars", self.list_avatars),
-            web.get("/sessions", self.list_sessions),
             web.get("/ice", self.ice_servers),
             web.static("/static", STATIC),
         ])
@@ -183,10 +94,11 @@ class LipstreamServer:
 
     async def _startup(self, app: web.Application) -> None:
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
+        self.manager.start_expiry()
 
     async def _shutdown(self, app: web.Application) -> None:
-        await asyncio.gather(*(live.peer.close() for live in list(self.sessions.values())),
-                             return_exceptions=True)
+        await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
+        await self.manager.close_all()
         if self._uninstall_ice is not None:
             self._uninstall_ice()
             self._uninstall_ice = None
@@ -194,71 +106,32 @@ class LipstreamServer:
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    # -- WebRTC ------------------------------------------------------------------------------
+
     async def offer(self, request: web.Request) -> web.Response:
         try:
-            offer, mode, avatar, options = self._read_offer(await request.read())
-        except BadInput as exc:
-            return _error(400, str(exc))
+            body = commands.parse_json(await request.read())
+            offer = _read_offer(body)
+            mode = body.get("mode", "camera")
+            if mode not in MODES:
+                raise BadInput(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+            if mode == "viewer":
+                session = self.manager.get(body.get("session"))
+                viewers = sum(1 for peer in self.peers if peer.session is session and peer.role == "viewer")
+                if viewers >= self.settings.max_viewers:
+                    return _error(503, f"session {session.name!r} has {viewers} viewers, the most it may")
+            else:
+                avatar = self.avatars.get(body.get("avatar")).frames if mode == "avatar" else None
+                session = self.manager.create(mode, avatar=avatar,
+                                              options=SessionOptions.from_json(body.get("options")))
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"the offer is over {OFFER_MAX_BYTES} bytes")
-        if len(self.sessions) + self._reserved >= self.settings.max_sessions:
-            return _error(503, f"the server is full ({self.settings.max_sessions} sessions): try again later")
-        self._reserved += 1
-        try:
-            return await self._connect(offer, mode, avatar, options)
-        finally:
-            self._reserved -= 1
-
-    def _read_offer(self, text: bytes):
-        try:
-            body = json.loads(text)
-        except ValueError as exc:
-            raise BadInput(f"the body is not JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise BadInput('the body must be a JSON object {"sdp", "type", "mode", ...}')
-        sdp, kind = body.get("sdp"), body.get("type")
-        if not isinstance(sdp, str) or not sdp.startswith("v=0") or "\nm=" not in sdp:
-            raise BadInput('"sdp" must be the offer\'s SDP text (v=0 ... m= sections)')
-        if kind != "offer":
-            raise BadInput(f'"type" must be "offer", not {kind!r}')
-        mode = body.get("mode", "camera")
-        if mode not in MODES:
-            raise BadInput(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-        options = body.get("options") or {}
-        if not isinstance(options, dict):
-            raise BadInput('"options" must be a JSON object')
-        for name, value in options.items():
-            if name not in SESSION_OPTIONS:
-                raise BadInput(f"unknown option {name!r}: use {', '.join(SESSION_OPTIONS)}")
-            kinds = SESSION_OPTIONS[name]
-            if not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds):
-                raise BadInput(f"option {name!r}: {value!r} is not a {'/'.join(k.__name__ for k in kinds)}")
-        avatar = None
-        if mode == "avatar":
-            avatar = self._avatar(body.get("avatar"))
-        return RTCSessionDescription(sdp=sdp, type=kind), mode, avatar, options
-
-    def _avatar(self, avatar_id) -> Avatar:
-        if avatar_id in (None, "", "default"):
-            if self._default_avatar is None:
-                raise BadInput("no avatar chosen and the server has no default one: upload a portrait "
-                               "(POST /avatar) or start the server with --avatar PATH")
-            return self._default_avatar
-        if avatar_id not in self.avatars:
-            raise BadInput(f"unknown avatar {avatar_id!r}: upload it first (POST /avatar)")
-        self.avatars.move_to_end(avatar_id)
-        return self.avatars[avatar_id]
-
-    async def _connect(self, offer, mode: str, avatar: Avatar | None, options: dict) -> web.Response:
-        session_id = uuid.uuid4().hex[:12]
-        try:
-            session = LiveSession(self.lipsync, avatar=None if avatar is None else avatar.source(), **options)
-        except ValueError as exc:
-            return _error(400, f"bad session options {options}: {exc}")
-        peer = Peer(session, self.settings.ice, camera=mode == "camera",
-                    describe={"session": session_id, "mode": mode},
-                    on_closed=lambda _: self._forget(session_id))
-        self.sessions[session_id] = Session(mode, peer)
+        except SessionLimit as exc:
+            return _error(503, str(exc))
+        except (BadInput, commands.CommandError, OptionError, SessionError, UnknownAvatar) as exc:
+            return _error(400, str(exc))
+        peer = Peer(session, self.settings.ice, role=MODES[mode], on_closed=self.peers.discard)
+        self.peers.add(peer)
         try:
             answer = await peer.answer(offer)
         except ValueError as exc:
@@ -267,14 +140,80 @@ class LipstreamServer:
         except BaseException:
             await peer.close()
             raise
-        log.info("session %s (%s) open: %d active", session_id, mode, len(self.sessions))
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": session_id})
+        log.info("%s peer on session %s: %d sessions", mode, session.name, len(self.manager.sessions))
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": session.name})
 
-    def _forget(self, session_id: str) -> None:
-        live = self.sessions.pop(session_id, None)
-        if live is not None:
-            self.recent.append({"session": session_id, "closed_at": time.time(), **live.describe()})
-            log.info("session %s closed: %d active", session_id, len(self.sessions))
+    # -- the session API ---------------------------------------------------------------------
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        try:
+            body = commands.parse_json(await request.read())
+            session = await commands.create_program_session(self.manager, self.avatars, body)
+        except commands.CommandError as exc:
+            return _error(400, str(exc))
+        except SessionLimit as exc:
+            return _error(503, str(exc))
+        return web.json_response(session.describe())
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        return web.json_response(self.manager.describe())
+
+    def _session(self, request: web.Request):
+        try:
+            return self.manager.get(request.match_info["name"])
+        except SessionError as exc:
+            raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json")
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        return web.json_response(self._session(request).describe())
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        await session.close(reason="closed by a client")
+        return web.json_response({"event": "closed", "session": session.name})
+
+    async def control_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        try:
+            reply = await commands.apply(session, self.avatars, commands.parse_json(await request.read()))
+        except commands.CommandError as exc:
+            return _error(400, str(exc))
+        return web.json_response(reply)
+
+    async def session_audio(self, request: web.Request) -> web.WebSocketResponse:
+        """PCM in as binary messages, commands in as text, the session's events out as text."""
+        session = self._session(request)
+        socket = web.WebSocketResponse(heartbeat=20)
+        await socket.prepare(request)
+        events: asyncio.Queue = asyncio.Queue(maxsize=256)
+
+        def queue_event(event: dict) -> None:
+            if not events.full():  # a client that never reads loses events, not the server's memory
+                events.put_nowait(event)
+
+        stop_listening = session.listen(queue_event)
+        sender = asyncio.ensure_future(_send_events(socket, events))
+        session.on_closed(lambda: events.put_nowait(None) if not events.full() else None)
+        try:
+            async for message in socket:
+                if message.type == WSMsgType.BINARY:
+                    try:
+                        session.write_audio(message.data)
+                    except BufferFull:
+                        pass  # the session told every listener (buffer_full)
+                    except ValueError as exc:
+                        session.report_error(str(exc))
+                elif message.type == WSMsgType.TEXT:
+                    try:  # its event reaches this socket as a listener
+                        await commands.apply(session, self.avatars, commands.parse_json(message.data))
+                    except commands.CommandError as exc:
+                        session.report_error(str(exc))
+        finally:
+            stop_listening()
+            sender.cancel()
+        return socket
+
+    # -- avatars and ICE ---------------------------------------------------------------------
 
     async def upload_avatar(self, request: web.Request) -> web.Response:
         limit = int(self.settings.max_upload_mb * 1024 * 1024)
@@ -301,23 +240,10 @@ class LipstreamServer:
             avatar = await asyncio.to_thread(load_avatar, bytes(data), suffix, name, self.fps)
         except BadInput as exc:
             return _error(400, str(exc))
-        avatar_id = uuid.uuid4().hex[:12]
-        self.avatars[avatar_id] = avatar
-        while len(self.avatars) > KEPT_AVATARS:
-            self.avatars.popitem(last=False)
-        return web.json_response(avatar.describe(avatar_id))
+        return web.json_response(avatar.describe(self.avatars.add(avatar)))
 
     async def list_avatars(self, request: web.Request) -> web.Response:
-        listed = [avatar.describe(avatar_id) for avatar_id, avatar in self.avatars.items()]
-        if self._default_avatar is not None:
-            listed.insert(0, self._default_avatar.describe("default"))
-        return web.json_response(listed)
-
-    async def list_sessions(self, request: web.Request) -> web.Response:
-        active = {session_id: {"connection": live.peer.pc.connectionState, **live.describe()}
-                  for session_id, live in self.sessions.items()}
-        return web.json_response({"active": len(active), "max_sessions": self.settings.max_sessions,
-                                  "sessions": active, "recent": list(self.recent)})
+        return web.json_response(self.avatars.describe())
 
     async def ice_servers(self, request: web.Request) -> web.Response:
         servers = [{"urls": s.urls, **({"username": s.username, "credential": s.credential}
@@ -326,12 +252,27 @@ class LipstreamServer:
         return web.json_response({"iceServers": servers})
 
 
+def _read_offer(body: dict) -> RTCSessionDescription:
+    sdp, kind = body.get("sdp"), body.get("type")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or "\nm=" not in sdp:
+        raise BadInput('"sdp" must be the offer\'s SDP text (v=0 ... m= sections)')
+    if kind != "offer":
+        raise BadInput(f'"type" must be "offer", not {kind!r}')
+    return RTCSessionDescription(sdp=sdp, type=kind)
+
+
+async def _send_events(socket: web.WebSocketResponse, events: asyncio.Queue) -> None:
+    while (event := await events.get()) is not None:
+        await socket.send_str(json.dumps(event))
+    await socket.close()
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
 def serve(lipsync, settings: ServeSettings) -> None:
-    """Run the server until interrupted; every peer is closed on the way out.
+    """Run the server until interrupted; every session is closed on the way out.
 
     Raises BadInput when the default avatar cannot be used.
     """

@@ -1,8 +1,9 @@
 """The WebRTC side of a live session: aiortc in, a ``LiveSession`` in the middle, aiortc out.
 
     browser mic/camera -> feed() -> session.push_audio / push_video
-    session.output() -> SessionOutput -> OutputVideoTrack (paced by the session) + OutputAudioTrack (20 ms)
-    session.stats() -> the "stats" data channel, every 0.5 s
+    session.output() -> session.broadcast -> ViewerTracks (one per viewer) -> OutputVideoTrack
+                                                                         + OutputAudioTrack (20 ms)
+    session.describe() -> the "stats" data channel, every 0.5 s
 
 Both outgoing tracks are fed by ONE pull of ``session.output()`` per frame, so a frame and its
 audio leave together, stamped with the same moment: when the session released them. The RTP
@@ -155,53 +156,51 @@ def _bind_in_range(create_datagram_endpoint, ports: tuple[int, int]):
     return bind
 
 
-class SessionOutput:
-    """Pulls the session's paced output and fans each frame out to the two outgoing tracks."""
+class ViewerTracks:
+    """One viewer's two outgoing tracks, fed by the session's one output pump (``Broadcast``).
+
+    The pump starts on the first ``recv()`` of either track, so the first frames are not spent
+    before the viewer can take them. ``on_end`` runs once the session's output has ended.
+    """
 
     def __init__(self, session, on_end: Callable[[], None]) -> None:
-        self._session = session
+        self._broadcast = session.broadcast
         self._on_end = on_end
         self.video = OutputVideoTrack(self)
         self.audio = OutputAudioTrack(self)
-        self._pump: asyncio.Task | None = None
-        self.origin: float | None = None  # time.monotonic() when the first frame left the session
+        self._subscribed = False
+
+    @property
+    def origin(self) -> float | None:
+        return self._broadcast.origin
 
     def start(self) -> None:
-        if self._pump is None:
-            self._pump = asyncio.ensure_future(self._run())
+        if not self._subscribed:
+            self._subscribed = True
+            self._broadcast.subscribe(self)
+            self._broadcast.start()
 
-    async def _run(self) -> None:
-        try:
-            while (out := await self._session.output()) is not None:
-                now = time.monotonic()
-                self.origin = now if self.origin is None else self.origin
-                self.video.offer(now - self.origin, out.frame.image)
-                self.audio.offer(now - self.origin, out.audio)
-            if self._session.error is not None:
-                log.warning("session failed: %r", self._session.error)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("session output failed")
+    def offer(self, at: float, out) -> None:
+        self.video.offer(at, out.frame.image)
+        self.audio.offer(at, out.audio)
+
+    def end(self) -> None:
         self.video.stop()
         self.audio.stop()
         self._on_end()
 
     async def close(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+        self._broadcast.unsubscribe(self)
         self.video.stop()
         self.audio.stop()
 
 
 class _QueueTrack(MediaStreamTrack):
-    """An outgoing track whose ``recv()`` waits for what ``SessionOutput`` offers it."""
+    """An outgoing track whose ``recv()`` waits for what ``ViewerTracks`` offers it."""
 
     backlog = 1
 
-    def __init__(self, output: SessionOutput) -> None:
+    def __init__(self, output: ViewerTracks) -> None:
         super().__init__()
         self._output = output
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -233,7 +232,7 @@ class OutputVideoTrack(_QueueTrack):
     kind = "video"
     backlog = VIDEO_BACKLOG
 
-    def __init__(self, output: SessionOutput) -> None:
+    def __init__(self, output: ViewerTracks) -> None:
         super().__init__(output)
         self._pts = -1
 
@@ -252,7 +251,7 @@ class OutputAudioTrack(_QueueTrack):
     kind = "audio"
     backlog = AUDIO_BACKLOG
 
-    def __init__(self, output: SessionOutput) -> None:
+    def __init__(self, output: ViewerTracks) -> None:
         super().__init__(output)
         self._pending = np.zeros((2, 0), np.float32)
         self._pts: int | None = None
@@ -299,18 +298,26 @@ async def feed(track: MediaStreamTrack, session, use_video: bool,
 class Peer:
     """One remote peer bound to one live session, torn down as soon as either side goes away.
 
+    Roles: ``camera`` (its camera and microphone drive the session), ``microphone`` (its
+    microphone drives an avatar), both owning their session (it closes with the peer); ``viewer``
+    (it only watches a session that others drive, which outlives it).
+
     The peer is gone when the connection fails or closes (a closed tab sends a DTLS close), when
     one of its tracks ends, when its "stats" data channel closes, when it has not connected
-    within CONNECT_TIMEOUT, or when its media stopped arriving INPUT_TIMEOUT ago.
+    within CONNECT_TIMEOUT, when the session's output ends, or, for a peer that drives its
+    session, when its media stopped arriving INPUT_TIMEOUT ago.
     """
 
-    def __init__(self, session, ice: IceSettings, *, camera: bool, describe: dict | None = None,
+    ROLES = ("camera", "microphone", "viewer")
+
+    def __init__(self, session, ice: IceSettings, *, role: str,
                  on_closed: Callable[["Peer"], None] | None = None) -> None:
+        if role not in self.ROLES:
+            raise ValueError(f"unknown peer role {role!r}")
         self.session = session
-        self.camera = camera
+        self.role = role
         self.pc = RTCPeerConnection(ice.configuration())
-        self.output = SessionOutput(session, on_end=self.close_soon)
-        self._describe = describe or {}
+        self.output = ViewerTracks(session, on_end=self.close_soon)
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task] = set()
         self._closing: asyncio.Task | None = None
@@ -335,7 +342,8 @@ class Peer:
         self.pc.addTrack(self.output.video)
         if "audio" in kinds:
             self.pc.addTrack(self.output.audio)
-        await self.session.start()
+        if self.role != "viewer":
+            await self.session.start()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._spawn(self._expire_unless_connected())
         return self.pc.localDescription
@@ -351,8 +359,10 @@ class Peer:
             self.close_soon()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        use_video = track.kind == "video" and self.camera
-        self._spawn(self._feed(track, use_video))
+        if self.role == "viewer":  # a viewer that sends anyway: drained, never used
+            self._spawn(_drain(track))
+            return
+        self._spawn(self._feed(track, use_video=track.kind == "video" and self.role == "camera"))
 
     def _arrived(self, at: float) -> None:
         if self._last_input is None:
@@ -382,7 +392,7 @@ class Peer:
     async def _send_stats(self, channel: RTCDataChannel) -> None:
         while True:
             if channel.readyState == "open":
-                channel.send(json.dumps({**self._describe, **self.session.stats()}))
+                channel.send(json.dumps(self.session.describe()))
             await asyncio.sleep(STATS_PERIOD)
 
     def _spawn(self, coroutine) -> None:
@@ -407,7 +417,14 @@ class Peer:
             await self.pc.close()
         finally:
             try:
-                await self.session.close()
+                if self.role != "viewer":
+                    await self.session.close()
             finally:
                 if self._on_closed is not None:
                     self._on_closed(self)
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()

@@ -1,0 +1,63 @@
+"""The avatars sessions can show: decoded frames, kept in memory under an id, bounded.
+
+Decoding and checking an upload is the transport's job (transport/avatar_files.py); this store
+only keeps what passed, least recently used out first. A running session keeps its own frames,
+so dropping an avatar from the store never disturbs a session that shows it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT = "default"
+
+
+@dataclass
+class Avatar:
+    name: str
+    frames: list[np.ndarray]  # RGB uint8; one frame for a portrait
+
+    def describe(self, avatar_id: str) -> dict:
+        height, width = self.frames[0].shape[:2]
+        return {"avatar": avatar_id, "name": self.name, "frames": len(self.frames),
+                "width": width, "height": height}
+
+
+class UnknownAvatar(LookupError):
+    pass
+
+
+class AvatarStore:
+    def __init__(self, default: Avatar | None = None, keep: int = 8):
+        self.default = default
+        self.keep = keep
+        self._avatars: OrderedDict[str, Avatar] = OrderedDict()
+
+    def add(self, avatar: Avatar) -> str:
+        avatar_id = uuid.uuid4().hex[:12]
+        self._avatars[avatar_id] = avatar
+        while len(self._avatars) > self.keep:
+            self._avatars.popitem(last=False)
+        return avatar_id
+
+    def get(self, avatar_id) -> Avatar:
+        """The avatar by id; None, "" or "default" name the server's default one."""
+        if avatar_id in (None, "", DEFAULT):
+            if self.default is None:
+                raise UnknownAvatar("no avatar chosen and the server has no default one: upload a portrait "
+                                    "(POST /avatar) or start the server with --avatar PATH")
+            return self.default
+        if not isinstance(avatar_id, str) or avatar_id not in self._avatars:
+            raise UnknownAvatar(f"unknown avatar {avatar_id!r}: upload it first (POST /avatar)")
+        self._avatars.move_to_end(avatar_id)
+        return self._avatars[avatar_id]
+
+    def describe(self) -> list[dict]:
+        listed = [avatar.describe(avatar_id) for avatar_id, avatar in self._avatars.items()]
+        if self.default is not None:
+            listed.insert(0, self.default.describe(DEFAULT))
+        return listed
