@@ -25,6 +25,8 @@ HOP = 160  # samples per mel frame
 STFT_REACH = 200
 # Chunk rows reach 5 rows (= 10 mel frames) past the frame's own row, plus one frame to centre on.
 RIGHT_CONTEXT_SECONDS = (2 * 5 + 1) * HOP / SAMPLE_RATE + STFT_REACH / SAMPLE_RATE  # 122.5 ms
+# A frame's chunk (and its VAD span) reach this far before the frame.
+CHUNK_REACH_BACK = 0.08 + STFT_REACH / SAMPLE_RATE
 
 
 class StreamingFeatures:
@@ -111,6 +113,7 @@ class StreamingAudio:
         self._inbox: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._pending: list[FaceFrame] = []
         self._speech = 0.0 if vad else 1.0
+        self._quiet_until = 0.0  # media time before which frames are silent (an interrupt)
 
     def push(self, samples_16k: np.ndarray) -> None:
         self._inbox.put(samples_16k)
@@ -159,8 +162,11 @@ class StreamingAudio:
         return out
 
     def control(self, command: Control) -> None:
-        if command.kind == "interrupt":  # the mouth is idle at once, not after a fade
+        if command.kind == "interrupt":
+            # The mouth is idle at once, not after a fade; and stays so while a frame's chunk and
+            # VAD span still reach back into the speech that was cut off at ``command.value``.
             self._speech = 0.0 if self.vad is not None else 1.0
+            self._quiet_until = command.value + CHUNK_REACH_BACK
         elif command.kind == "options":
             options = command.value
             self.fade_step = 1.0 / options.fade_frames
@@ -168,7 +174,10 @@ class StreamingAudio:
             self.features.context_mel = int(options.context_seconds * SAMPLE_RATE / HOP) // 2 * 2
 
     def _next_speech(self, frame: FaceFrame) -> float:
-        if frame.audio is None:
+        if frame.frame.pts < self._quiet_until:
+            frame.audio = None
+            speaking = False
+        elif frame.audio is None:
             self.frames_without_audio += 1
             speaking = False
         elif self.vad is None:

@@ -193,7 +193,7 @@ class LiveSession:
         current = utterances[0] if utterances else None
         position = max(0.0, self._shown_until - current.start) if current and current.started else 0.0
         utterances.clear()
-        self._controls.append(Control("interrupt"))
+        self._controls.append(Control("interrupt", self._mute_until))
         return self._emit("interrupted", position=round(position, 3),
                           dropped_seconds=round(dropped + max(0.0, pushed - self._shown_until), 3))
 
