@@ -183,3 +183,58 @@ class ServerThread:
                 return time.monotonic() - started
             time.sleep(0.1)
         raise AssertionError(f"sessions still active after {timeout} s: {self.sessions()}")
+
+
+class Viewer:
+    """A receive-only aiortc peer watching a running session: every frame with its arrival time.
+
+    ``frames`` holds (time.monotonic() on arrival, RGB image); audio frames are counted.
+    """
+
+    def __init__(self, url: str, session: str) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.url, self.session = url, session
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.frames: list[tuple[float, np.ndarray]] = []
+        self.audio_frames = 0
+        self._tasks: list[asyncio.Task] = []
+        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._read(track))))
+
+    async def connect(self, http) -> tuple[int, dict]:
+        """POST /offer in viewer mode; (status, body). On 200 the answer is applied."""
+        from aiortc import RTCSessionDescription
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "mode": "viewer", "session": self.session}
+        async with http.post(self.url + "/offer", json=body) as reply:
+            status, answer = reply.status, await reply.json()
+        if status == 200:
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        return status, answer
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                frame = await track.recv()
+                if track.kind == "video":
+                    self.frames.append((time.monotonic(), frame.to_ndarray(format="rgb24")))
+                else:
+                    self.audio_frames += 1
+        except MediaStreamError:
+            pass
+
+    async def wait_for_frames(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.frames) < count:
+            assert time.monotonic() < deadline, f"{len(self.frames)} frames after {timeout} s ({self.pc.connectionState})"
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
