@@ -6,12 +6,16 @@ page connects to a server in this process; everything stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from media_helpers import CAMERA_SIZE, ServerThread, make_camera_files
+from transport.files import read_audio
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -97,7 +101,7 @@ def _close_and_check_release(page, server: ServerThread, observed: dict) -> floa
     page.close()
     released = server.wait_until_idle(timeout=5)
     latency = observed["server"]["latency_ms"]
-    print(f"\n{observed['server']['mode']}: browser decoded {observed['fps']:.1f} fps at "
+    print(f"\n{observed['server']['kind']}: browser decoded {observed['fps']:.1f} fps at "
           f"{observed['size'][0]}x{observed['size'][1]}; server fps {observed['server']['fps']}, "
           f"generated {observed['server']['frames_generated']} of {observed['server']['frames_out']} frames, "
           f"added latency p50 {latency['p50']} ms / p95 {latency['p95']} ms; freed {released:.2f} s after close")
@@ -108,7 +112,7 @@ def test_camera_mode_in_chromium(browser, server):
     page = browser.new_page()
     page.goto(server.url)
     observed = _connect_and_count(page, server, CAMERA_SIZE)
-    assert observed["server"]["mode"] == "camera"
+    assert observed["server"]["kind"] == "camera"
     _close_and_check_release(page, server, observed)
 
 
@@ -120,5 +124,52 @@ def test_avatar_mode_in_chromium_with_an_uploaded_portrait(browser, server, medi
                            timeout=30_000)
     assert page.is_checked("input[value=avatar]")
     observed = _connect_and_count(page, server, (640, 640))
-    assert observed["server"]["mode"] == "avatar"
+    assert observed["server"]["kind"] == "avatar"
     _close_and_check_release(page, server, observed)
+
+
+def test_watching_a_program_session_in_chromium(browser, server, media):
+    """The page's Watch mode: a receive-only browser viewer of an avatar a program drives."""
+    status, avatar = server.post_file("/avatar", "portrait.png", (media / "portrait.png").read_bytes(), "image/png")
+    assert status == 200, avatar
+    status, created = server.post_json("/sessions", {"session": "watched", "avatar": avatar["avatar"],
+                                                     "audio": {"rate": 16000, "channels": 1}})
+    assert status == 200, created
+    speech = (read_audio(media / "speech_16k.wav")[0][: 16000 * 4] * 32767).astype("<i2").tobytes()
+    feeder = threading.Thread(target=asyncio.run, args=(_speak(server.url, "watched", speech),))
+    page = browser.new_page()
+    try:
+        page.goto(server.url)
+        page.check("input[value=viewer]")
+        page.click("#refresh-sessions")
+        page.wait_for_function("document.getElementById('session').value === 'watched'", timeout=10_000)
+        page.click("#connect")
+        page.wait_for_function("window.lipstream.pc && window.lipstream.pc.connectionState === 'connected'",
+                               timeout=TIMEOUT_MS)
+        feeder.start()
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while page.evaluate(INBOUND).get("video", {}).get("framesDecoded", 0) < FRAMES:
+            assert time.monotonic() < deadline, "too few frames decoded"
+            page.wait_for_timeout(250)
+        feeder.join(30)
+        inbound = page.evaluate(INBOUND)
+        watched = server.sessions()["sessions"]["watched"]
+        assert watched["viewers"] == 1 and watched["frames_generated"] > 0
+        assert (inbound["video"]["frameWidth"], inbound["video"]["frameHeight"]) == (640, 640)
+        assert inbound.get("audio", {}).get("totalSamplesReceived", 0) > 0
+    finally:
+        page.close()
+    deadline = time.monotonic() + 5
+    while server.sessions()["sessions"]["watched"]["viewers"]:
+        assert time.monotonic() < deadline, "the viewer was not let go"
+        time.sleep(0.1)
+    assert server.post_json("/sessions/watched/control", {"cmd": "close"})[0] == 200
+
+
+async def _speak(url: str, session: str, pcm: bytes) -> None:
+    """A program sending speech over the WebSocket, 40 ms at a time, twice as fast as real time."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/sessions/{session}/audio") as socket:
+        for start in range(0, len(pcm), 1280):
+            await socket.send_bytes(pcm[start : start + 1280])
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3)

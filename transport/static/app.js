@@ -28,6 +28,12 @@ async function listAvatars(select) {
   if (select) $("avatar").value = select;
 }
 
+async function listSessions() {
+  const { sessions } = await (await fetch("/sessions")).json();
+  $("session").replaceChildren(...Object.values(sessions).map((s) =>
+    new Option(`${s.session} (${s.kind}, ${s.viewers} watching)`, s.session)));
+}
+
 async function upload() {
   const file = $("upload").files[0];
   if (!file) return;
@@ -57,16 +63,22 @@ async function connect() {
   $("connect").disabled = true;
   setStatus("connecting...");
   try {
-    state.local = await navigator.mediaDevices.getUserMedia({
-      audio: { deviceId: $("microphone").value || undefined },
-      video: mode === "camera" ? { deviceId: $("camera").value || undefined, frameRate: 25 } : false,
-    });
-    await listDevices();  // labels are only known once access is granted
     const { iceServers } = await (await fetch("/ice")).json();
     const pc = new RTCPeerConnection({ iceServers });
     state.pc = pc;
-    state.local.getTracks().forEach((track) => pc.addTrack(track, state.local));
-    if (mode === "avatar") pc.addTransceiver("video", { direction: "recvonly" });
+    if (mode === "viewer") {  // watch only: nothing of ours is sent
+      if (!$("session").value) throw new Error("no session to watch: pick one (Refresh)");
+      pc.addTransceiver("video", { direction: "recvonly" });
+      pc.addTransceiver("audio", { direction: "recvonly" });
+    } else {
+      state.local = await navigator.mediaDevices.getUserMedia({
+        audio: { deviceId: $("microphone").value || undefined },
+        video: mode === "camera" ? { deviceId: $("camera").value || undefined, frameRate: 25 } : false,
+      });
+      await listDevices();  // labels are only known once access is granted
+      state.local.getTracks().forEach((track) => pc.addTrack(track, state.local));
+      if (mode === "avatar") pc.addTransceiver("video", { direction: "recvonly" });
+    }
     pc.ontrack = (event) => {
       const video = $("remote");
       if (!video.srcObject) video.srcObject = event.streams[0] || new MediaStream();
@@ -85,7 +97,8 @@ async function connect() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, mode,
-                             avatar: mode === "avatar" ? $("avatar").value : undefined }),
+                             avatar: mode === "avatar" ? $("avatar").value : undefined,
+                             session: mode === "viewer" ? $("session").value : undefined }),
     });
     const answer = await reply.json();
     if (!reply.ok) throw new Error(answer.error);
@@ -140,8 +153,10 @@ async function showReceivedRate() {
 $("connect").onclick = () => { state.error = null; connect(); };
 $("disconnect").onclick = disconnect;
 $("upload").onchange = upload;
+$("refresh-sessions").onclick = listSessions;
 window.addEventListener("pagehide", disconnect);
 navigator.mediaDevices.addEventListener("devicechange", listDevices);
 setInterval(showReceivedRate, 1000);
 listDevices();
 listAvatars();
+listSessions();
