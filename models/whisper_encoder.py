@@ -51,8 +51,8 @@ class WhisperDims:
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
     """Whisper's fixed positional table, computed in float32 exactly as OpenAI does.
 
-    The values must match bit for bit: the table is part of the checkpoint and of the hashed
-    state dict.
+    Computed the same way so the values match a checkpoint's stored table to float32 rounding
+    (vectorised exp/sin differ in the last bits between CPUs).
     """
     half = channels // 2
     log_increment = math.log(max_timescale) / (half - 1)
@@ -165,7 +165,7 @@ def _built_without_rng(dims: WhisperDims) -> WhisperEncoder:
 
 
 def seeded_encoder(dims: WhisperDims, seed: int = 0) -> WhisperEncoder:
-    """An encoder with the fixtures' seeded weights (``encoder_state_dict_sha256``).
+    """An encoder with the fixtures' seeded weights (checked by value against upstream's stored features).
 
     Every parameter is overwritten, so the default init (and the ``torch.manual_seed(0)`` the
     upstream recipe calls before it) does not matter.
