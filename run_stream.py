@@ -109,6 +109,10 @@ def _arguments() -> argparse.ArgumentParser:
                             "with a face; without it, avatar mode needs an upload from the page")
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="largest avatar upload (default: 20)")
+    serve.add_argument("--max-viewers", type=int, default=8,
+                       help="WebRTC viewers (watch mode) per session (default: 8)")
+    serve.add_argument("--idle-seconds", type=float, default=300.0,
+                       help="close a program session nobody feeds or watches for this long (default: 300)")
     serve.add_argument("--ice-host", action="append", default=[], metavar="IP",
                        help="offer ICE host candidates on this address only (repeatable; default: every "
                             "non-loopback address; 127.0.0.1 for loopback-only)")
@@ -120,6 +124,7 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--turn-password", help="TURN password")
     serve.add_argument("--udp-ports", metavar="A-B",
                        help="bind the media sockets inside this UDP port range (default: any port)")
+    serve.add_argument("--log-json", action="store_true", help="log one JSON object a line (to stderr)")
     return parser
 
 
@@ -136,13 +141,16 @@ def _serve(args: argparse.Namespace) -> None:
                           udp_ports=parse_port_range(args.udp_ports) if args.udp_ports else None)
         if args.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
+        if args.max_viewers < 1 or args.idle_seconds <= 0:
+            raise UserError("--max-viewers must be at least 1 and --idle-seconds positive")
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
                                       args.precision, checkpoints=args.checkpoints)
     except (ValueError, ConfigError, WeightsUnavailable) as exc:
         raise UserError(str(exc).replace("\n", " ")) from None
     try:
         serve(lipsync, ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
-                                     args.avatar, ice))
+                                     args.avatar, ice, max_viewers=args.max_viewers,
+                                     idle_seconds=args.idle_seconds), log_json=args.log_json)
     except BadInput as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # the port is taken, the address is not ours...
