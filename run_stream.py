@@ -75,7 +75,8 @@ def _arguments() -> argparse.ArgumentParser:
                             "on loopback) and times what comes back: latency, time to first frame, A/V "
                             "offset, fraction of frames the model changed (bench/glass_to_glass.py). "
                             "--video defaults to a talking-head clip from the shared media, --audio to "
-                            "speech_16k.wav, --seconds to 60; --stride/--no-vad go to the session")
+                            "speech_16k.wav, --seconds to 60; --stride/--no-vad go to the session, "
+                            "--device/--precision/--vae/--checkpoints to the server")
     bench.add_argument("--size", default="374x398",
                        help="webrtc: WIDTHxHEIGHT of the default clip (default: 374x398)")
     bench.add_argument("--url", help="webrtc: probe this running server (http://HOST:PORT) instead")
