@@ -34,6 +34,8 @@ from aiortc import (RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConne
                     RTCSessionDescription, sdp)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from transport.prompt_jitter import make_prompt
+
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = 90_000
@@ -336,6 +338,8 @@ class Peer:
             await self.pc.setRemoteDescription(offer)
         except Exception as exc:  # aiortc raises ValueError, InvalidAccessError, InvalidStateError...
             raise ValueError(f"cannot use this offer: {exc}") from None
+        for transceiver in self.pc.getTransceivers():
+            make_prompt(transceiver.receiver)  # what comes in goes on at once (transport/prompt_jitter.py)
         kinds = {t.kind for t in self.pc.getTransceivers()}
         if "video" not in kinds:
             raise ValueError("the offer has no video section: add a video transceiver to receive the face")
