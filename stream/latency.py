@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 
 import numpy as np
 
 from stream.frames import Trace
+
+# Upper bounds (seconds) of the added-latency histogram: from a fast GPU's window to a stalled CPU.
+LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 def percentiles(values_s) -> dict[str, float]:
@@ -24,6 +28,7 @@ class LatencyLog:
     Counts are for the whole stream; the percentiles are over the last ``limit`` frames, so a long
     session keeps a bounded, recent sample. ``untraced`` counts frames that reached the output
     without a capture time: a stage that lost the trace, which must never happen live.
+    ``histogram()`` covers every traced frame of the stream, in fixed buckets (``LATENCY_BUCKETS``).
     """
 
     def __init__(self, limit: int = 10_000):
@@ -35,6 +40,8 @@ class LatencyLog:
         self._passed: deque[float] = deque(maxlen=limit)
         self._per_stage: dict[str, deque[float]] = {}
         self._limit = limit
+        self._in_bucket = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self._sum = 0.0
 
     def record(self, trace: Trace, emitted_at: float) -> None:
         self.frames += 1
@@ -43,6 +50,8 @@ class LatencyLog:
             return
         added = emitted_at - trace.captured_at
         self._all.append(added)
+        self._in_bucket[bisect_left(LATENCY_BUCKETS, added)] += 1
+        self._sum += added
         if trace.generated:
             self.frames_generated += 1
             self._generated.append(added)
@@ -58,3 +67,11 @@ class LatencyLog:
                 "frames_traced": self.frames - self.untraced,
                 "stage_done_ms_p50": {stage: percentiles(values)["p50"]
                                       for stage, values in self._per_stage.items()}}
+
+    def histogram(self) -> tuple[list[tuple[float, int]], float]:
+        """([(upper bound s, frames at or below it)...], sum of seconds): cumulative, +inf last."""
+        counts, total = [], 0
+        for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self._in_bucket):
+            total += count
+            counts.append((bound, total))
+        return counts, self._sum

@@ -389,6 +389,7 @@ class LiveSession:
             "interrupted_frames": self.frames_interrupted,
             "viewers": self.broadcast.sinks,
             **({"buffered_seconds": round(self._program.buffered_seconds, 3)} if self._program else {}),
+            "queue_depths": self._pipeline.queue_depths() if self.stages else {},
             "stages_ms_per_frame": {k: round(1000 * v / frames, 2) for k, v in times.seconds.items()}
             if times else {},
         }

@@ -84,10 +84,11 @@ class Pipeline:
         self.queue_size = queue_size
         self.times = StageTimes()
         self.first_queue: asyncio.Queue | None = None  # a live source checks it to drop, not block
+        self._queues: list[asyncio.Queue] = []
 
     async def run(self, source: AsyncIterator[Any] | Iterable[Any]) -> StageTimes:
         queues = [asyncio.Queue(self.queue_size) for _ in range(len(self.stages) + 1)]
-        self.first_queue = queues[0]
+        self.first_queue, self._queues = queues[0], queues
         executors = [ThreadPoolExecutor(1, thread_name_prefix=f"stage-{stage.name}")
                      for stage in self.stages]
         source_executor = ThreadPoolExecutor(1, thread_name_prefix="stage-source")
@@ -102,6 +103,10 @@ class Pipeline:
                 task.cancel()
             await _shut_down(executors + [source_executor])
         return self.times
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting in each stage's inbox, by stage name (empty before ``run``)."""
+        return {stage.name: queue.qsize() for stage, queue in zip(self.stages, self._queues)}
 
     async def _feed(self, source, outbox: asyncio.Queue, executor: ThreadPoolExecutor) -> None:
         # A blocking iterator is a decoder: its time is work. An async one is a live source: its

@@ -14,6 +14,7 @@
     POST /avatar                 multipart "file": a portrait or a clip with a face -> {"avatar": ID, ...}
     GET  /avatars                the avatars a session can choose ("default": the one given with --avatar)
     GET  /ice                    the STUN/TURN servers the page should use too
+    GET  /metrics                Prometheus text format (transport/metrics.py)
 
 The models are built once (one ``LipSync``); sessions live in a ``SessionManager`` shared with the
 other transports (MQTT), and this module only translates HTTP, WebSocket and WebRTC to it.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 from aiortc import RTCSessionDescription
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
 from stream import commands
 from stream.avatars import AvatarStore, UnknownAvatar
@@ -36,6 +38,8 @@ from stream.program_audio import BufferFull
 from stream.session_options import OptionError, SessionOptions
 from stream.sessions import SessionError, SessionLimit, SessionManager
 from transport.avatar_files import BadInput, load_avatar, load_avatar_file, upload_suffix
+from transport.logs import JsonLines
+from transport.metrics import SessionMetrics
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ class LipstreamServer:
         self.avatars = AvatarStore(default, keep=KEPT_AVATARS)
         self.peers: set[Peer] = set()
         self._uninstall_ice = None
+        self.metrics = SessionMetrics(self.manager)  # other transports add gauges (add_gauge)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.metrics)
+        ProcessCollector(registry=self.registry)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=OFFER_MAX_BYTES)  # uploads stream past it
@@ -86,6 +94,7 @@ class LipstreamServer:
             web.post("/avatar", self.upload_avatar),
             web.get("/avatars", self.list_avatars),
             web.get("/ice", self.ice_servers),
+            web.get("/metrics", self.scrape),
             web.static("/static", STATIC),
         ])
         app.on_startup.append(self._startup)
@@ -251,6 +260,10 @@ class LipstreamServer:
                    for s in self.settings.ice.configuration().iceServers]
         return web.json_response({"iceServers": servers})
 
+    async def scrape(self, request: web.Request) -> web.Response:
+        """Prometheus: read here, on the loop that owns the sessions (see transport/metrics.py)."""
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
 
 def _read_offer(body: dict) -> RTCSessionDescription:
     sdp, kind = body.get("sdp"), body.get("type")
@@ -271,12 +284,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def serve(lipsync, settings: ServeSettings) -> None:
+def serve(lipsync, settings: ServeSettings, log_json: bool = False) -> None:
     """Run the server until interrupted; every session is closed on the way out.
 
+    ``log_json``: log one JSON object a line (transport/logs.py) instead of plain text.
     Raises BadInput when the default avatar cannot be used.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines() if log_json else logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for chatty in ("aiohttp.access", "aioice", "aiortc"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     app = LipstreamServer(lipsync, settings).app()
