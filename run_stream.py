@@ -108,6 +108,9 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--avatar", metavar="PATH",
                        help="the default avatar: a portrait (png/jpeg/webp) or a clip (mp4/webm/mov) "
                             "with a face; without it, avatar mode needs an upload from the page")
+    serve.add_argument("--avatar-cache", metavar="DIR",
+                       help="keep prepared avatars (faces found and encoded once) here, by content: "
+                            "default $LIPSTREAM_CACHE/avatars, else ~/.cache/lipstream/avatars")
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="largest avatar upload (default: 20)")
     serve.add_argument("--max-viewers", type=int, default=8,
@@ -131,6 +134,7 @@ def _arguments() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> None:
     from models.weights import WeightsUnavailable
+    from stream.avatar_prep import default_cache_dir
     from stream.config import ConfigError, load_config, with_vae
     from stream.pipeline import LipSync
     from transport.server import BadInput, ServeSettings, serve
@@ -142,6 +146,7 @@ def _serve(args: argparse.Namespace) -> None:
                           udp_ports=parse_port_range(args.udp_ports) if args.udp_ports else None)
         if args.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
+        avatar_cache = Path(args.avatar_cache).expanduser() if args.avatar_cache else default_cache_dir()
         if args.max_viewers < 1 or args.idle_seconds <= 0:
             raise UserError("--max-viewers must be at least 1 and --idle-seconds positive")
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
@@ -151,6 +156,7 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         serve(lipsync, ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
                                      args.avatar, ice, max_viewers=args.max_viewers,
+                                     avatar_cache=str(avatar_cache),
                                      idle_seconds=args.idle_seconds), log_json=args.log_json)
     except BadInput as exc:
         raise UserError(str(exc)) from None
@@ -276,7 +282,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
             "steps": config["sampler"]["steps"], "frames_in": n_frames,
             "seam_ratio": round(seams, 3) if seams else None,
             "av_offset_ms": round(1000 * lag / OUTPUT_AUDIO_RATE, 2),
-            "frames_without_face": session.face_tracking.frames_without_face,
+            "frames_without_face": session.faces.frames_without_face,
             "seconds": round(n_frames / fps, 2)}
 
 

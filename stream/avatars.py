@@ -10,8 +10,12 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from stream.avatar_prep import PreparedAvatar
 
 DEFAULT = "default"
 
@@ -20,11 +24,16 @@ DEFAULT = "default"
 class Avatar:
     name: str
     frames: list[np.ndarray]  # RGB uint8; one frame for a portrait
+    prepared: PreparedAvatar | None = None  # its faces found and encoded once (stream/avatar_prep.py)
+
+    def playable(self) -> PreparedAvatar | list[np.ndarray]:
+        """What a session is given to show: the prepared avatar when there is one."""
+        return self.prepared if self.prepared is not None else self.frames
 
     def describe(self, avatar_id: str) -> dict:
         height, width = self.frames[0].shape[:2]
         return {"avatar": avatar_id, "name": self.name, "frames": len(self.frames),
-                "width": width, "height": height}
+                "width": width, "height": height, "prepared": self.prepared is not None}
 
 
 class UnknownAvatar(LookupError):

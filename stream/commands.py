@@ -44,7 +44,7 @@ async def create_program_session(manager: SessionManager, avatars: AvatarStore, 
         audio = AudioFormat.from_json(body.get("audio"))
         options = SessionOptions.from_json(body.get("options"))
         avatar = avatars.get(body.get("avatar"))
-        session = manager.create("program", name=body.get("session"), avatar=avatar.frames,
+        session = manager.create("program", name=body.get("session"), avatar=avatar.playable(),
                                  audio_format=audio, options=options)
     except (OptionError, UnknownAvatar, SessionError) as exc:
         raise CommandError(str(exc)) from None
@@ -59,7 +59,8 @@ async def apply(session: LiveSession, avatars: AvatarStore, body: dict) -> dict:
         if command == "interrupt":
             return session.interrupt()
         if command == "avatar":
-            return session.switch_avatar(avatars.get(body.get("avatar")).frames, body.get("avatar") or "default")
+            return session.switch_avatar(avatars.get(body.get("avatar")).playable(),
+                                         body.get("avatar") or "default")
         if command == "options":
             return session.update_options(body.get("options"))
         if command == "close":

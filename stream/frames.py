@@ -8,9 +8,12 @@ time without knowing where the media came from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(slots=True)
@@ -71,6 +74,9 @@ class FaceFrame:
     # How much of the generated mouth to show: 1 while speaking, 0 in silence (the original face),
     # in between during the cross-fade at speech <-> silence transitions.
     speech: float = 1.0
+    # The face's VAE condition latents (C, h, w) when they were made ahead (a prepared avatar);
+    # None: the model stage encodes ``face`` itself.
+    condition: torch.Tensor | None = None
 
     def stamp(self, stage: str, now: float) -> None:
         self.frame.trace.marks[stage] = now
@@ -114,7 +120,8 @@ class Control:
     Each stage with a ``control(command)`` method applies it on its own thread when it gets there,
     so frames before it were made under the old state and frames after it under the new.
     ``kind``: "interrupt" (forget the speech in progress), "avatar" (``value``: the new avatar's
-    frames; forget the old face) or "options" (``value``: the new SessionOptions).
+    frames as the ticks play them, or its ``PreparedAvatar``; forget the old face) or "options"
+    (``value``: the new SessionOptions).
     """
 
     kind: str

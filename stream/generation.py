@@ -1,6 +1,7 @@
 """The model stage: a window of aligned faces + audio chunks in, regenerated faces out.
 
-It owns the latent ring buffer. Each frame's VAE condition is encoded once, when the frame is new;
+It owns the latent ring buffer. Each frame's VAE condition is encoded once, when the frame is new
+(a prepared avatar's frames bring theirs, encoded before the session: stream/avatar_prep.py);
 its clean latents are kept after its window and handed to the next window as ``known`` context
 (``LipSyncModel.denoise`` inpaints the new frames in time around them). Only new frames are
 decoded. Entries leave the buffer when their frame drops out of the window.
@@ -74,10 +75,11 @@ class Generation:
 
     def _generate(self, active: list[FaceFrame], new: set[int]) -> dict[int, np.ndarray]:
         uncached = [f for f in active if f.frame.index not in self._ring]
-        if uncached:
-            conditions = self.model.encode_condition(faces_to_tensor([f.face.image for f in uncached]))
-            for f, condition in zip(uncached, conditions):
-                self._ring[f.frame.index] = _Latents(condition)
+        to_encode = [f for f in uncached if f.condition is None]  # a prepared avatar brings its own
+        encoded = iter(self.model.encode_condition(faces_to_tensor([f.face.image for f in to_encode]))
+                       if to_encode else ())
+        for f in uncached:
+            self._ring[f.frame.index] = _Latents(f.condition if f.condition is not None else next(encoded))
         entries = [self._ring[f.frame.index] for f in active]
         known_count = 0
         while known_count < len(entries) and entries[known_count].clean is not None \

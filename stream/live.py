@@ -21,6 +21,10 @@ frames, on the stage's own thread (no stage is touched from outside). What must 
 happens on the event loop, which owns the clock and the output: an interrupt drops the program's
 queued audio at once, and every frame already in flight leaves as the idle avatar with silence.
 
+An avatar is prepared once (stream/avatar_prep.py) when the session has an avatar cache or is
+given a ``PreparedAvatar``: its face stage then looks each tick's face and condition latents up, and
+no face detection or VAE encode runs per frame. Without either, its frames are tracked like a camera's.
+
 A ``program`` session is an avatar driven by audio that a program writes (``write_audio``, PCM
 s16le in the format declared at creation): it waits in a bounded buffer and is played on the
 media clock, silence between utterances. Events (speech_started, speech_ended, interrupted,
@@ -39,6 +43,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from stream.audio_stream import StreamingAudio
+from stream.avatar_prep import AvatarCache, AvatarFaces, PreparedAvatar, loop_frames, prepare_avatar
 from stream.face_tracking import FaceTracking
 from stream.broadcast import Broadcast
 from stream.frames import Control, Trace, VideoFrame
@@ -93,14 +98,19 @@ class _OutputSink:
 
 class LiveSession:
     def __init__(self, lipsync: LipSync, *, name: str = "", kind: str = "camera",
-                 avatar: np.ndarray | list[np.ndarray] | None = None, options: SessionOptions | None = None,
-                 audio_format: AudioFormat | None = None, queue_size: int = 8, record: bool = False):
+                 avatar: np.ndarray | list[np.ndarray] | PreparedAvatar | None = None,
+                 options: SessionOptions | None = None, audio_format: AudioFormat | None = None,
+                 queue_size: int = 8, record: bool = False, avatar_cache: AvatarCache | None = None):
         self.lipsync = lipsync
         self.name = name
         self.kind = kind
         self.fps = int(lipsync.config["fps"])
         self.options = options or SessionOptions()
-        self._avatar = _loop_frames(avatar)
+        self._avatar = avatar if avatar is None or isinstance(avatar, PreparedAvatar) else loop_frames(avatar)
+        self._avatar_cache = avatar_cache
+        self._prepares = avatar_cache is not None or isinstance(avatar, PreparedAvatar)
+        self._to_prepare = avatar if self._prepares and not isinstance(avatar, PreparedAvatar) else None
+        self._switching: asyncio.Future | None = None
         self._audio_stage = StreamingAudio(lipsync.audio_encoder, self.fps, self.options.context_seconds,
                                            self.options.vad, self.options.fade_frames, batch=self.options.stride)
         self._record = record
@@ -129,7 +139,7 @@ class LiveSession:
         self._needed_delay: collections.deque[float] = collections.deque(maxlen=50)
         self.stages: list = []
         self.generation: Generation | None = None
-        self.face_tracking: FaceTracking | None = None
+        self.faces: FaceTracking | AvatarFaces | None = None
         self.broadcast = Broadcast(self)
         self._task: asyncio.Task | None = None
         self._program_task: asyncio.Task | None = None
@@ -197,12 +207,36 @@ class LiveSession:
         return self._emit("interrupted", position=round(position, 3),
                           dropped_seconds=round(dropped + max(0.0, pushed - self._shown_until), 3))
 
-    def switch_avatar(self, avatar: np.ndarray | list[np.ndarray], avatar_id: str = "") -> dict:
-        """Show another avatar from the next tick on (avatar and program sessions)."""
+    def switch_avatar(self, avatar: np.ndarray | list[np.ndarray] | PreparedAvatar, avatar_id: str = "") -> dict:
+        """Show another avatar from the next tick on (avatar and program sessions).
+
+        A session that shows prepared avatars prepares a plain one first, off the event loop, and
+        shows the old one meanwhile; the latest switch wins.
+        """
         if self._avatar is None:
             raise ValueError(f"session {self.name!r} is a camera session: it has no avatar to switch")
-        self._controls.append(Control("avatar", _loop_frames(avatar)))
+        if self._switching is not None:
+            self._switching.cancel()
+        if isinstance(avatar, PreparedAvatar) or not self._prepares:
+            self._controls.append(Control("avatar", avatar if isinstance(avatar, PreparedAvatar)
+                                          else loop_frames(avatar)))
+        else:
+            self._switching = asyncio.ensure_future(self._switch_when_prepared(avatar, avatar_id))
         return self._emit("avatar_switched", avatar=avatar_id)
+
+    async def _switch_when_prepared(self, avatar: np.ndarray | list[np.ndarray], avatar_id: str) -> None:
+        try:
+            prepared = await asyncio.to_thread(self._prepare, avatar)
+        except Exception as exc:  # noqa: BLE001 - told to the listeners; the old avatar stays
+            log.exception("preparing avatar %s failed", avatar_id)
+            self._emit("error", message=f"avatar {avatar_id!r} could not be prepared: {exc}")
+            return
+        self._controls.append(Control("avatar", prepared))
+
+    def _prepare(self, avatar: np.ndarray | list[np.ndarray]) -> PreparedAvatar:
+        if self._avatar_cache is not None:
+            return self._avatar_cache.prepare(avatar, self.lipsync)
+        return prepare_avatar(avatar, self.lipsync)
 
     def update_options(self, changes: dict) -> dict:
         """Change options mid-stream (checked like at creation; raises OptionError)."""
@@ -242,13 +276,17 @@ class LiveSession:
     # -- pipeline --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._to_prepare is not None:  # once per avatar: with the cache, later sessions find it made
+            self._avatar = await asyncio.to_thread(self._prepare, self._to_prepare)
+            self._to_prepare = None
         loop = asyncio.get_running_loop()
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._sink = _OutputSink(loop, self._outputs, limit=4 * self.fps)
+        face = AvatarFaces(self._avatar) if isinstance(self._avatar, PreparedAvatar) else None
         self.stages = self.lipsync.stages(self._audio_stage, self._sink, stride=self.options.stride,
-                                          late_after=self.options.late_after, record=self._record)
+                                          late_after=self.options.late_after, record=self._record, face=face)
         self.generation: Generation = LipSync.find(self.stages, Generation)
-        self.face_tracking: FaceTracking = LipSync.find(self.stages, FaceTracking)
+        self.faces = LipSync.find(self.stages, (FaceTracking, AvatarFaces))
         self._pipeline = Pipeline(self.stages, self._queue_size)
         self._task = asyncio.create_task(self._pipeline.run(self._ticks()))
         self._task.add_done_callback(self._pipeline_ended)
@@ -386,6 +424,7 @@ class LiveSession:
             "late_frames": generation.frames_late if generation else 0,
             "clock_slips": self.clock_slips,
             "silent_frames": self._audio_stage.frames_silent,
+            "frames_without_face": self.faces.frames_without_face if self.faces else 0,
             "interrupted_frames": self.frames_interrupted,
             "viewers": self.broadcast.sinks,
             **({"buffered_seconds": round(self._program.buffered_seconds, 3)} if self._program else {}),
@@ -410,8 +449,9 @@ class LiveSession:
             return {"event": "closed", "session": self.name, "media_time": round(self._shown_until, 3)}
         self._closed = True
         self._ending = True
-        if self._program_task is not None:
-            self._program_task.cancel()
+        for task in (self._program_task, self._switching):
+            if task is not None:
+                task.cancel()
         await self.broadcast.close()
         if self._task is not None:
             self._task.cancel()
@@ -433,11 +473,3 @@ class LiveSession:
         """Until the pipeline has drained after ``end()``."""
         if self._task is not None:
             await self._task
-
-
-def _loop_frames(avatar: np.ndarray | list[np.ndarray] | None) -> list[np.ndarray] | None:
-    """An avatar's frames as the ticks play them: a portrait, or a clip looped forward-backward."""
-    if avatar is None:
-        return None
-    frames = [avatar] if isinstance(avatar, np.ndarray) else list(avatar)
-    return frames + frames[-2:0:-1]

@@ -71,14 +71,17 @@ class LipSync:
         return cls(config, generator, models.audio_encoder, torch_device)
 
     @staticmethod
-    def find(stages: list[Stage], kind: type) -> Any:
-        """The stage of that class in a pipeline built by ``stages``."""
+    def find(stages: list[Stage], kind: type | tuple[type, ...]) -> Any:
+        """The stage of that class (or of one of those) in a pipeline built by ``stages``."""
         return next(stage for stage in stages if isinstance(stage, kind))
 
     def stages(self, audio: Stage, sink: Stage, stride: int | None = None,
-               late_after: float | None = None, record: bool = False) -> list[Stage]:
+               late_after: float | None = None, record: bool = False,
+               face: Stage | None = None) -> list[Stage]:
+        """``face``: the face stage, FaceTracking (every frame's face found) unless one is given
+        (a prepared avatar's faces, stream/avatar_prep.py)."""
         return [
-            FaceTracking(self.config["resolution"]),
+            face if face is not None else FaceTracking(self.config["resolution"]),
             audio,
             Windowing(self.config["window"], stride),
             Generation(self.generator, late_after, record),

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 
+from stream.avatar_prep import AvatarCache
 from stream.live import LiveSession
 from stream.session_options import AudioFormat, SessionOptions
 
@@ -31,8 +32,12 @@ class SessionError(ValueError):
 
 
 class SessionManager:
-    def __init__(self, lipsync, *, max_sessions: int = 4, idle_seconds: float = 300.0):
+    def __init__(self, lipsync, *, max_sessions: int = 4, idle_seconds: float = 300.0,
+                 avatar_cache: AvatarCache | None = None):
+        """``avatar_cache``: avatar sessions prepare their avatar once through it (stream/avatar_prep.py);
+        without it, an avatar given as plain frames is tracked and encoded every frame."""
         self.lipsync = lipsync
+        self.avatar_cache = avatar_cache
         self.max_sessions = max_sessions
         self.idle_seconds = idle_seconds
         self.sessions: dict[str, LiveSession] = {}
@@ -61,7 +66,8 @@ class SessionManager:
         if len(self.sessions) >= self.max_sessions:
             raise SessionLimit(f"the server is full ({self.max_sessions} sessions): try again later")
         session = LiveSession(self.lipsync, name=name, kind=kind, avatar=avatar, options=options,
-                              audio_format=audio_format if kind == "program" else None)
+                              audio_format=audio_format if kind == "program" else None,
+                              avatar_cache=self.avatar_cache)
         self.sessions[name] = session
         session.on_closed(lambda: self._forget(name))
         return session

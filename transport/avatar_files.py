@@ -28,8 +28,9 @@ class BadInput(ValueError):
     """Something the client sent that cannot be used: answered with 400 and this message."""
 
 
-def load_avatar(data: bytes, suffix: str, name: str, fps: int) -> Avatar:
-    """Decode a portrait or a clip (re-timed to ``fps``) into RGB frames; it must show a face (blocking)."""
+def load_avatar(data: bytes, suffix: str, name: str, fps: int, seconds: float = CLIP_SECONDS) -> Avatar:
+    """Decode a portrait or a clip (re-timed to ``fps``, its first ``seconds``) into RGB frames; it must
+    show a face (blocking)."""
     if suffix in IMAGE_TYPES.values():
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if bgr is None:
@@ -40,7 +41,7 @@ def load_avatar(data: bytes, suffix: str, name: str, fps: int) -> Avatar:
             clip.write(data)
             clip.flush()
             try:
-                frames = [f.image for f in itertools.islice(read_video(clip.name, fps), CLIP_SECONDS * fps)]
+                frames = [f.image for f in itertools.islice(read_video(clip.name, fps), round(seconds * fps))]
             except MediaError as exc:
                 raise BadInput(f"{name}: not a readable clip ({exc})") from None
     frames = [_fit(frame) for frame in frames]
@@ -50,7 +51,7 @@ def load_avatar(data: bytes, suffix: str, name: str, fps: int) -> Avatar:
     return Avatar(name, frames)
 
 
-def load_avatar_file(path: str | Path, fps: int) -> Avatar:
+def load_avatar_file(path: str | Path, fps: int, seconds: float = CLIP_SECONDS) -> Avatar:
     path = Path(path)
     try:
         suffix = upload_suffix(None, path.name)
@@ -59,7 +60,7 @@ def load_avatar_file(path: str | Path, fps: int) -> Avatar:
         raise BadInput(f"{path}: {exc}") from None
     except OSError as exc:
         raise BadInput(f"{path}: {exc.strerror}") from None
-    return load_avatar(data, suffix, path.name, fps)
+    return load_avatar(data, suffix, path.name, fps, seconds)
 
 
 def _fit(image: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ from aiortc import RTCSessionDescription
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
 from stream import commands
-from stream.avatars import AvatarStore, UnknownAvatar
+from stream.avatar_prep import AvatarCache
+from stream.avatars import Avatar, AvatarStore, UnknownAvatar
 from stream.program_audio import BufferFull
 from stream.session_options import OptionError, SessionOptions
 from stream.sessions import SessionError, SessionLimit, SessionManager
@@ -60,6 +61,7 @@ class ServeSettings:
     ice: IceSettings = field(default_factory=IceSettings)
     max_viewers: int = 8  # WebRTC viewers per session
     idle_seconds: float = 300.0  # a program session nobody feeds or watches closes after this
+    avatar_cache: str | None = None  # where prepared avatars are kept on disk (None: in memory only)
 
 
 class LipstreamServer:
@@ -69,9 +71,13 @@ class LipstreamServer:
         self.lipsync = lipsync
         self.settings = settings
         self.fps = int(lipsync.config["fps"])
+        # Every avatar is prepared once, when it arrives (stream/avatar_prep.py): its sessions then
+        # run no face detection and no VAE encode per frame.
+        self.avatar_cache = AvatarCache(settings.avatar_cache)
         self.manager = manager or SessionManager(lipsync, max_sessions=settings.max_sessions,
-                                                 idle_seconds=settings.idle_seconds)
-        default = load_avatar_file(settings.avatar, self.fps) if settings.avatar else None
+                                                 idle_seconds=settings.idle_seconds,
+                                                 avatar_cache=self.avatar_cache)
+        default = self._prepared(load_avatar_file(settings.avatar, self.fps)) if settings.avatar else None
         self.avatars = AvatarStore(default, keep=KEPT_AVATARS)
         self.peers: set[Peer] = set()
         self._uninstall_ice = None
@@ -130,7 +136,7 @@ class LipstreamServer:
                 if viewers >= self.settings.max_viewers:
                     return _error(503, f"session {session.name!r} has {viewers} viewers, the most it may")
             else:
-                avatar = self.avatars.get(body.get("avatar")).frames if mode == "avatar" else None
+                avatar = self.avatars.get(body.get("avatar")).playable() if mode == "avatar" else None
                 session = self.manager.create(mode, avatar=avatar,
                                               options=SessionOptions.from_json(body.get("options")))
         except web.HTTPRequestEntityTooLarge:
@@ -246,10 +252,15 @@ class LipstreamServer:
                 return _error(413, f"the upload is over the {self.settings.max_upload_mb:g} MB limit")
         name = part.filename or "upload" + suffix
         try:
-            avatar = await asyncio.to_thread(load_avatar, bytes(data), suffix, name, self.fps)
+            avatar = await asyncio.to_thread(
+                lambda: self._prepared(load_avatar(bytes(data), suffix, name, self.fps)))
         except BadInput as exc:
             return _error(400, str(exc))
         return web.json_response(avatar.describe(self.avatars.add(avatar)))
+
+    def _prepared(self, avatar: Avatar) -> Avatar:
+        avatar.prepared = self.avatar_cache.prepare(avatar.frames, self.lipsync)
+        return avatar
 
     async def list_avatars(self, request: web.Request) -> web.Response:
         return web.json_response(self.avatars.describe())
