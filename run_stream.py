@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -128,6 +129,14 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--turn-password", help="TURN password")
     serve.add_argument("--udp-ports", metavar="A-B",
                        help="bind the media sockets inside this UDP port range (default: any port)")
+    serve.add_argument("--mqtt", metavar="URL",
+                       help="also take commands and audio over MQTT: mqtt://HOST[:PORT] or mqtts://HOST[:PORT] "
+                            "(TLS); see the README's 'MQTT'")
+    serve.add_argument("--mqtt-user", help="MQTT user name")
+    serve.add_argument("--mqtt-password", help="MQTT password (default: $LIPSTREAM_MQTT_PASSWORD)")
+    serve.add_argument("--mqtt-ca", metavar="FILE",
+                       help="mqtts: CA certificates (PEM) that sign the broker's (default: the system's)")
+    serve.add_argument("--mqtt-prefix", default="lipstream", help="MQTT topic prefix (default: lipstream)")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object a line (to stderr)")
     return parser
 
@@ -137,6 +146,7 @@ def _serve(args: argparse.Namespace) -> None:
     from stream.avatar_prep import default_cache_dir
     from stream.config import ConfigError, load_config, with_vae
     from stream.pipeline import LipSync
+    from transport.mqtt import MqttSettings
     from transport.server import BadInput, ServeSettings, serve
     from transport.webrtc import IceSettings, parse_port_range
 
@@ -147,6 +157,14 @@ def _serve(args: argparse.Namespace) -> None:
         if args.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
         avatar_cache = Path(args.avatar_cache).expanduser() if args.avatar_cache else default_cache_dir()
+        password = args.mqtt_password or os.environ.get("LIPSTREAM_MQTT_PASSWORD")
+        if args.mqtt:
+            mqtt = MqttSettings.from_url(args.mqtt, username=args.mqtt_user, password=password,
+                                         ca=args.mqtt_ca, prefix=args.mqtt_prefix)
+        elif args.mqtt_user or args.mqtt_password or args.mqtt_ca:
+            raise UserError("--mqtt-user, --mqtt-password and --mqtt-ca need --mqtt URL")
+        else:
+            mqtt = None
         if args.max_viewers < 1 or args.idle_seconds <= 0:
             raise UserError("--max-viewers must be at least 1 and --idle-seconds positive")
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
@@ -157,7 +175,7 @@ def _serve(args: argparse.Namespace) -> None:
         serve(lipsync, ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
                                      args.avatar, ice, max_viewers=args.max_viewers,
                                      avatar_cache=str(avatar_cache),
-                                     idle_seconds=args.idle_seconds), log_json=args.log_json)
+                                     idle_seconds=args.idle_seconds, mqtt=mqtt), log_json=args.log_json)
     except BadInput as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # the port is taken, the address is not ours...

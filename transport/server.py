@@ -39,6 +39,7 @@ from stream.program_audio import BufferFull
 from stream.session_options import OptionError, SessionOptions
 from stream.sessions import SessionError, SessionLimit, SessionManager
 from transport.avatar_files import BadInput, load_avatar, load_avatar_file, upload_suffix
+from transport.mqtt import MqttBridge, MqttSettings
 from transport.logs import JsonLines
 from transport.metrics import SessionMetrics
 from transport.webrtc import IceSettings, Peer
@@ -61,6 +62,7 @@ class ServeSettings:
     ice: IceSettings = field(default_factory=IceSettings)
     max_viewers: int = 8  # WebRTC viewers per session
     idle_seconds: float = 300.0  # a program session nobody feeds or watches closes after this
+    mqtt: MqttSettings | None = None  # also take commands and audio over MQTT (transport/mqtt.py)
     avatar_cache: str | None = None  # where prepared avatars are kept on disk (None: in memory only)
 
 
@@ -80,6 +82,7 @@ class LipstreamServer:
         default = self._prepared(load_avatar_file(settings.avatar, self.fps)) if settings.avatar else None
         self.avatars = AvatarStore(default, keep=KEPT_AVATARS)
         self.peers: set[Peer] = set()
+        self.mqtt: MqttBridge | None = None
         self._uninstall_ice = None
         self.metrics = SessionMetrics(self.manager)  # other transports add gauges (add_gauge)
         self.registry = CollectorRegistry()
@@ -110,10 +113,18 @@ class LipstreamServer:
     async def _startup(self, app: web.Application) -> None:
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
         self.manager.start_expiry()
+        if self.settings.mqtt is not None:
+            self.mqtt = bridge = MqttBridge(self.manager, self.avatars, self.settings.mqtt)
+            bridge.start()
+            self.metrics.add_gauge("lipstream_mqtt_connected", lambda: float(bridge.connected),
+                                   "1 while the MQTT bridge is connected to its broker")
 
     async def _shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
         await self.manager.close_all()
+        if self.mqtt is not None:  # after the sessions, so that their last events and "offline" go out
+            await self.mqtt.stop()
+            self.mqtt = None
         if self._uninstall_ice is not None:
             self._uninstall_ice()
             self._uninstall_ice = None
