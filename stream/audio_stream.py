@@ -25,8 +25,9 @@ HOP = 160  # samples per mel frame
 STFT_REACH = 200
 # Chunk rows reach 5 rows (= 10 mel frames) past the frame's own row, plus one frame to centre on.
 RIGHT_CONTEXT_SECONDS = (2 * 5 + 1) * HOP / SAMPLE_RATE + STFT_REACH / SAMPLE_RATE  # 122.5 ms
-# A frame's chunk (and its VAD span) reach this far before the frame.
-CHUNK_REACH_BACK = 0.08 + STFT_REACH / SAMPLE_RATE
+# How far before a frame its audio can come from: its chunk reaches 80 ms back (plus half an STFT
+# window), its VAD span 80 ms back to the start of a 32 ms VAD chunk; a few ms for the resampler.
+CHUNK_REACH_BACK = 0.08 + max(STFT_REACH / SAMPLE_RATE, 512 / SAMPLE_RATE) + 0.005
 
 
 class StreamingFeatures:
@@ -176,11 +177,13 @@ class StreamingAudio:
     def _next_speech(self, frame: FaceFrame) -> float:
         if frame.frame.pts < self._quiet_until:
             frame.audio = None
-            speaking = False
-        elif frame.audio is None:
-            self.frames_without_audio += 1
-            speaking = False
-        elif self.vad is None:
+        if frame.audio is None:
+            # Nothing to make a mouth from: the original face at once (a fade needs generated frames).
+            self.frames_without_audio += frame.frame.pts >= self._quiet_until
+            self._speech = 0.0
+            self.frames_silent += 1
+            return 0.0
+        if self.vad is None:
             speaking = True
         else:
             # The chunk's own span: 80 ms before the frame to 120 ms after it.

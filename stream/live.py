@@ -12,7 +12,7 @@ Policies, each counted in ``stats()``:
 - a window that is already late passes its frames through unchanged (``late_frames``);
 - a frame that is ready after its due time goes out at once and the clock re-anchors
   (``clock_slips``), so later frames keep their spacing instead of bunching up; the playout
-  delay then eases back down to what recent frames needed;
+  delay then eases back down to what recent frames needed, a skipped frame at a time (``eased_frames``);
 - output nobody reads is bounded (``dropped_outputs``).
 
 Control travels in-band: ``interrupt()``, ``switch_avatar()`` and ``update_options()`` queue a
@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 # audio (with its right context) is in when its tick comes waits for nothing.
 PROGRAM_LEAD = 0.2
 PROGRAM_PERIOD = 0.02
+# The playout delay comes down by one skipped frame at most this often (frames).
+EASE_EVERY = 5
 
 
 @dataclass
@@ -132,6 +134,8 @@ class LiveSession:
         self._last_activity = self.opened
         self.frames_out = 0
         self.frames_interrupted = 0
+        self.frames_eased = 0  # skipped to bring the playout delay back down
+        self._last_eased = 0
         self.clock_slips = 0
         self.dropped_ticks = 0
         self.latency = LatencyLog()
@@ -154,6 +158,10 @@ class LiveSession:
         if self._t0 is None:
             self._t0 = now
         return now - self._t0
+
+    def clock(self) -> float:
+        """Seconds on the media clock now; the first call (or push) starts it."""
+        return self._clock()
 
     def push_video(self, image: np.ndarray, captured_at: float | None = None) -> None:
         """A camera picture; ``captured_at`` (``time.monotonic()``) is when it arrived, default now."""
@@ -260,6 +268,10 @@ class LiveSession:
         """A transport's error about this session (a bad message, say), told to every listener."""
         return self._emit("error", message=message)
 
+    def report(self, event: str, **fields) -> dict:
+        """A transport's event about this session (an input lost, an output reconnected...), told to every listener."""
+        return self._emit(event, **fields)
+
     def _emit(self, event: str, media_time: float | None = None, **fields) -> dict:
         body = {"event": event, "session": self.name,
                 "media_time": round(self._shown_until if media_time is None else media_time, 3), **fields}
@@ -321,7 +333,8 @@ class LiveSession:
                 return
             await asyncio.sleep(0.01)
         first_queue = None
-        index = 0
+        # A camera's frames start with its first picture: ticks before it (audio came first) had nothing to show.
+        index = 0 if self._avatar is not None else int((time.monotonic() - self._t0) * self.fps)
         while not self._closed and not (self._ending and self._avatar is not None):
             due = self._t0 + index / self.fps
             delay = due - time.monotonic()
@@ -350,21 +363,19 @@ class LiveSession:
 
     async def output(self) -> LiveOutput | None:
         """The next frame, at its time on the output clock; None once the stream has ended."""
-        frame = await self._outputs.get()
-        if frame is None:
-            self._outputs.put_nowait(None)  # every later call sees the end too
-            if self.error is not None:
-                raise RuntimeError(f"live pipeline failed: {self.error!r}") from self.error
-            return None
-        now = time.monotonic()
-        self._needed_delay.append(now - frame.pts)
-        if self._anchor is None:
-            self._anchor = now - frame.pts
-        # The playout delay follows what recent frames needed (their 90th percentile), so one slow
-        # window costs a slip, not a permanently higher latency.
-        target = float(np.percentile(self._needed_delay, 90))
-        if self._anchor > target + 1.0 / self.fps:
-            self._anchor -= 0.2 * (self._anchor - target)
+        while True:
+            frame = await self._outputs.get()
+            if frame is None:
+                self._outputs.put_nowait(None)  # every later call sees the end too
+                if self.error is not None:
+                    raise RuntimeError(f"live pipeline failed: {self.error!r}") from self.error
+                return None
+            now = time.monotonic()
+            self._needed_delay.append(now - frame.pts)
+            if self._anchor is None:
+                self._anchor = now - frame.pts
+            if not self._eases_back():
+                break
         due = self._anchor + frame.pts
         if due > now:
             await asyncio.sleep(due - now)
@@ -379,13 +390,32 @@ class LiveSession:
         audio, audio_start = self._input_audio.playback.read(frame.pts, 1.0 / self.fps)
         self._av_offsets.append(audio_start - frame.pts)
         if frame.pts < self._mute_until:  # in flight when an interrupt came: idle and silent
-            frame = VideoFrame(frame.index, frame.pts, self._avatar[frame.index % len(self._avatar)], frame.trace)
+            if self._avatar is not None:  # a camera with program audio keeps its picture
+                frame = VideoFrame(frame.index, frame.pts, self._avatar[frame.index % len(self._avatar)], frame.trace)
             audio = np.zeros_like(audio)
             self.frames_interrupted += 1
         self._shown_until = frame.pts + 1.0 / self.fps
         if self._program is not None:
             self._report_speech()
         return LiveOutput(frame, audio)
+
+    def _eases_back(self) -> bool:
+        """Whether to skip this frame to bring the playout delay down to what recent frames needed.
+
+        The delay follows the 90th percentile of what recent frames needed, so one slow window
+        costs a slip, not a permanently higher latency. It comes down a whole frame at a time, the
+        frame skipped with its audio, at most once every EASE_EVERY frames: squeezing the spacing
+        of the frames instead would leave the audio, which a transport plays sample-continuously,
+        behind the pictures by all the delay given back.
+        """
+        target = float(np.percentile(self._needed_delay, 90))
+        if (self._anchor - target <= 1.0 / self.fps or self._outputs.empty()  # the next must be ready
+                or self.frames_out + self.frames_eased - self._last_eased < EASE_EVERY):
+            return False
+        self._anchor -= 1.0 / self.fps
+        self.frames_eased += 1
+        self._last_eased = self.frames_out + self.frames_eased
+        return True
 
     def _report_speech(self) -> None:
         """speech_started / speech_ended as the output shows an utterance's first and last frame."""
@@ -419,10 +449,11 @@ class LiveSession:
             # The worst gap between a frame's timestamp and that of the audio sent with it.
             "av_offset_ms": round(1000 * max(self._av_offsets, key=abs), 2) if self._av_offsets else None,
             "dropped_frames": self.dropped_ticks + (generation.frames_late if generation else 0)
-            + self._sink.dropped if self.stages else 0,
+            + self._sink.dropped + self.frames_eased if self.stages else 0,
             "dropped_ticks": self.dropped_ticks,
             "late_frames": generation.frames_late if generation else 0,
             "clock_slips": self.clock_slips,
+            "eased_frames": self.frames_eased,
             "silent_frames": self._audio_stage.frames_silent,
             "frames_without_face": self.faces.frames_without_face if self.faces else 0,
             "interrupted_frames": self.frames_interrupted,

@@ -5,8 +5,9 @@ comes in bursts). The chunks wait here, bounded by ``buffer_seconds``; the sessi
 one media-clock span at a time, speech while there is some and silence after it, so the avatar
 idles between utterances instead of freezing. Owned by the event loop.
 
-An utterance is a run of speech with no gap: it starts when speech is taken after silence and
-ends when the buffer runs dry. Its span on the media clock is kept until the output has shown it,
+An utterance is a run of speech: it starts when speech is taken after silence and ends where the
+buffer ran dry, once it has stayed dry for UNDERRUN_GRACE (a chunk late on the network makes a
+pause, not a new utterance). Its span on the media clock is kept until the output has shown it,
 so ``speech_started`` and ``speech_ended`` describe what viewers saw and heard, not what arrived.
 """
 
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream.session_options import AudioFormat
+
+
+# Speech that runs dry for less than this and then goes on is one utterance with a pause in it
+# (chunks that arrive late over a network), not two.
+UNDERRUN_GRACE = 0.25
 
 
 class AudioRejected(ValueError):
@@ -43,6 +49,8 @@ class ProgramAudio:
         self.buffered = 0  # sample frames waiting
         self.taken = 0  # sample frames handed to the session so far, speech and silence
         self.utterances: deque[Utterance] = deque()
+        self._dry_since: int | None = None  # where the speech ran out, while more may still come
+        self._grace = round(UNDERRUN_GRACE * audio_format.rate)
 
     @property
     def buffered_seconds(self) -> float:
@@ -84,9 +92,16 @@ class ProgramAudio:
         speaking = bool(self.utterances) and self.utterances[-1].end is None
         if filled and not speaking:
             self.utterances.append(Utterance(start=self.taken / rate))
-        if speaking or filled:
-            if filled < frames:  # ran dry inside this span: the utterance ends where speech did
-                self.utterances[-1].end = (self.taken + filled) / rate
+            speaking = True
+        if speaking:
+            if filled:  # speech goes on (a short underrun before this was a pause within it)
+                self._dry_since = None
+            if filled < frames and self._dry_since is None:
+                self._dry_since = self.taken + filled
+            # Ran dry: the utterance ends where its speech did, once no more came for a while.
+            if self._dry_since is not None and self.taken + frames - self._dry_since >= self._grace:
+                self.utterances[-1].end = self._dry_since / rate
+                self._dry_since = None
         self.taken += frames
         return out
 
@@ -95,4 +110,5 @@ class ProgramAudio:
         dropped = self.buffered_seconds
         self._chunks.clear()
         self.buffered = 0
+        self._dry_since = None
         return dropped

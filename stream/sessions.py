@@ -51,6 +51,7 @@ class SessionManager:
 
         ``kind``: camera (a peer's camera and microphone), avatar (an avatar driven by a peer's
         microphone) or program (an avatar driven by audio a program sends, watched by viewers).
+        A camera session given ``audio_format`` takes its audio from a program too (live dubbing).
         Raises SessionLimit when full, SessionError for a bad name or kind.
         """
         if kind not in KINDS:
@@ -66,7 +67,7 @@ class SessionManager:
         if len(self.sessions) >= self.max_sessions:
             raise SessionLimit(f"the server is full ({self.max_sessions} sessions): try again later")
         session = LiveSession(self.lipsync, name=name, kind=kind, avatar=avatar, options=options,
-                              audio_format=audio_format if kind == "program" else None,
+                              audio_format=audio_format if kind in ("program", "camera") else None,
                               avatar_cache=self.avatar_cache)
         self.sessions[name] = session
         session.on_closed(lambda: self._forget(name))

@@ -12,6 +12,9 @@ from faster_whisper.vad import get_vad_model
 
 CHUNK = 512  # samples at 16 kHz the model takes per step
 CONTEXT = 64
+# A chunk this quiet (-80 dBFS) is silence whatever the model's recurrent state still says: after
+# speech cut off by an interrupt, Silero goes on reporting speech for a few chunks of pure zeros.
+SILENCE_RMS = 1e-4
 
 
 class StreamingVad:
@@ -34,7 +37,8 @@ class StreamingVad:
         for chunk in chunks:
             batch = np.concatenate([self._context, chunk])[None]
             output, h, c = self._model.session.run(None, {"input": batch, "h": h, "c": c})
-            self.probabilities.append(float(np.asarray(output).reshape(-1)[0]))
+            silent = float(np.sqrt(np.mean(chunk ** 2))) < SILENCE_RMS
+            self.probabilities.append(0.0 if silent else float(np.asarray(output).reshape(-1)[0]))
             self._context = chunk[-CONTEXT:]
         self._state = (h, c)
 

@@ -78,7 +78,9 @@ def test_every_emitted_frame_is_in_the_latency_record(lipsync, speech_48k):
     assert session.latency.frames == stats["frames_out"] == len(outputs)
     assert session.latency.untraced == 0
     assert stats["frames_traced"] == len(outputs)
-    assert session.latency.frames_generated == len(generated) == session.generation.frames_generated
+    assert session.latency.frames_generated == len(generated)
+    # What the model made left, bar frames skipped to bring the playout delay down (counted).
+    assert len(generated) <= session.generation.frames_generated <= len(generated) + stats["eased_frames"]
     for out in outputs:
         trace = out.frame.trace
         assert trace.captured_at is not None and trace.due_at is not None

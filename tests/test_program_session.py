@@ -64,7 +64,9 @@ def test_a_program_drives_an_avatar_with_bursts_of_speech(portrait, speech_24k):
     async def run():
         manager = SessionManager(tiny_lipsync(), max_sessions=2)
         session = manager.create("program", name="agent", avatar=portrait,
-                                 audio_format=AudioFormat(24_000, 1), options=SessionOptions(stride=4))
+                                 audio_format=AudioFormat(24_000, 1),
+                                 # no window may pass through late: this test is about what the model shows
+                                 options=SessionOptions(stride=4, late_after=None))
         events, frames = [], []
         session.listen(events.append)
         session.broadcast.subscribe(Collect(frames))
@@ -122,7 +124,8 @@ def test_interrupt_turns_the_mouth_idle_within_200_ms(portrait, speech_24k):
 
     async def run():
         manager = SessionManager(tiny_lipsync())
-        session = manager.create("program", name="bargein", avatar=portrait, audio_format=AudioFormat(24_000, 1))
+        session = manager.create("program", name="bargein", avatar=portrait, audio_format=AudioFormat(24_000, 1),
+                                 options=SessionOptions(late_after=None))
         events, frames = [], []
         session.listen(events.append)
         session.broadcast.subscribe(Collect(frames))
@@ -164,7 +167,12 @@ def test_program_audio_rejects_what_it_cannot_take():
     assert audio.buffered == 8000
     taken = audio.take(10_000)
     assert taken.shape == (2, 10_000) and np.abs(taken[:, :8000]).max() > 0.2 and not taken[:, 8000:].any()
-    assert audio.utterances[0].start == 0 and audio.utterances[0].end == pytest.approx(0.5)
+    assert audio.utterances[0].start == 0 and audio.utterances[0].end is None  # more may still come
+    audio.write(stereo[: 4 * 1600])  # 0.1 s, late: a pause within the utterance, not a new one
+    audio.take(3_000)
+    assert len(audio.utterances) == 1 and audio.utterances[0].end is None
+    audio.take(4_000)  # over 0.25 s dry now: it has ended, where its speech did
+    assert len(audio.utterances) == 1 and audio.utterances[0].end == pytest.approx((10_000 + 1600) / 16_000)
 
 
 def test_options_and_formats_are_checked_once_for_every_transport():
