@@ -4,6 +4,7 @@
     python run_stream.py file  --video V --audio A --out out.mp4 --config tiny
     python run_stream.py bench --video V --audio A --config tiny --json bench.json
     python run_stream.py serve --config tiny --avatar PORTRAIT.png   (then open http://127.0.0.1:8080/)
+    python run_stream.py rtmp  --in rtmp://HOST/APP/KEY --out rtmp://HOST/APP/KEY2 --config tiny
 """
 
 from __future__ import annotations
@@ -81,6 +82,50 @@ def _arguments() -> argparse.ArgumentParser:
     bench.add_argument("--size", default="374x398",
                        help="webrtc: WIDTHxHEIGHT of the default clip (default: 374x398)")
     bench.add_argument("--url", help="webrtc: probe this running server (http://HOST:PORT) instead")
+
+    bench.add_argument("--rtmp", action="store_true",
+                       help="the RTMP leg: a stamped clip published live into nginx (started here), relayed by "
+                            "`rtmp` to another stream, read back: latency, A/V offset, frames (bench/rtmp.py); "
+                            "--seconds (default 20), --size (default 360x640)")
+
+    rtmp = commands.add_parser(
+        "rtmp", help="live dubbing: lip-sync an RTMP (SRT, HLS, file) stream and push it to an RTMP server",
+        description="Pull (or, with --listen, accept) a live stream, lip-sync it to its own audio or to "
+                    "--audio, and push it to an RTMP server or write a file, until the input ends or "
+                    "Ctrl-C. Inputs that drop are reopened with backoff while the output carries on. "
+                    "See the README's 'RTMP'.")
+    rtmp.add_argument("--in", dest="source", required=True, metavar="URL",
+                      help="rtmp://, rtmps://, srt://, http(s):// (HLS) or a file (played in real time)")
+    rtmp.add_argument("--listen", action="store_true",
+                      help="accept one publisher (OBS) at --in rtmp://HOST:PORT/APP/KEY instead of pulling")
+    rtmp.add_argument("--out", required=True, metavar="URL",
+                      help="rtmp:// or rtmps://HOST[:PORT]/APP/KEY to push to, or a file (.flv .mp4 .mkv .mov .ts)")
+    rtmp.add_argument("--audio", metavar="SOURCE",
+                      help="replace the input's audio: a file or URL (silence after it ends), or 'api': "
+                           "program audio, PCM over --serve's WebSocket /sessions/NAME/audio")
+    rtmp.add_argument("--api-rate", type=int, default=24_000, help="--audio api: PCM rate in Hz (default 24000)")
+    rtmp.add_argument("--api-channels", type=int, default=1, help="--audio api: 1 or 2 (default 1)")
+    rtmp.add_argument("--bitrate", type=int, default=2500, help="video kbit/s, constrained (default 2500)")
+    rtmp.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast; ultrafast on weak CPUs)")
+    rtmp.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds an input may take to open, and to send nothing before it counts as lost "
+                           "(default 10)")
+    rtmp.add_argument("--retries", type=int, default=0,
+                      help="more attempts, with backoff, before an input or output that never opened is "
+                           "given up (default 0); once up, they are reopened forever")
+    rtmp.add_argument("--name", default="rtmp", help="the session's name (default rtmp)")
+    rtmp.add_argument("--stride", type=int, default=4, help="frames a 16-frame window advances by (default 4)")
+    rtmp.add_argument("--no-vad", action="store_true", help="run the model through silence too")
+    rtmp.add_argument("--serve", type=int, metavar="PORT",
+                      help="also serve the page and API: WebRTC viewers watch the session (mode viewer)")
+    rtmp.add_argument("--serve-host", default="127.0.0.1", help="--serve address (default 127.0.0.1)")
+    rtmp.add_argument("--ice-host", action="append", default=[], metavar="IP", help="as for `serve`")
+    rtmp.add_argument("--json", help="write the summary to this JSON file")
+    rtmp.add_argument("--config", default="tiny", help="a config name or YAML path (default: tiny)")
+    rtmp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    rtmp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    rtmp.add_argument("--vae", choices=["kl", "tiny"], default="kl", help="as for `file` (default: kl)")
+    rtmp.add_argument("--checkpoints", metavar="DIR", help="official weights (see `file --help`)")
 
     download = commands.add_parser(
         "download", help="fetch a config's official weights into the hub cache",
@@ -182,6 +227,63 @@ def _serve(args: argparse.Namespace) -> None:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
 
+def _rtmp(args: argparse.Namespace) -> dict:
+    import asyncio
+    import logging
+    import signal
+
+    from stream.session_options import AudioFormat, OptionError, SessionOptions
+    from transport.ingest import InputError, check_input
+    from transport.publish import OutputError, OutputSettings, check_output
+
+    try:  # what the user typed first, before the models take seconds to load
+        if args.bitrate <= 0 or args.timeout <= 0 or args.retries < 0:
+            raise UserError("--bitrate and --timeout must be positive, --retries at least 0")
+        source, out = check_input(args.source, listen=args.listen), check_output(args.out)
+        audio = args.audio if args.audio in (None, "api") else check_input(args.audio)
+        if audio == "api" and args.serve is None:
+            raise UserError("--audio api takes its PCM over the WebSocket of --serve: add --serve PORT")
+    except (InputError, OutputError) as exc:
+        raise UserError(str(exc)) from None
+
+    from models.weights import WeightsUnavailable
+    from stream.config import ConfigError, load_config, with_vae
+    from stream.pipeline import LipSync
+    from stream.runner import run_async
+    from transport.rtmp import RelayFailed, RelaySettings, serve_and_relay
+
+    try:
+        settings = RelaySettings(
+            source, out, listen=args.listen, audio=audio,
+            api_format=AudioFormat(args.api_rate, args.api_channels),
+            options=SessionOptions(stride=args.stride, vad=not args.no_vad),
+            output=OutputSettings(bitrate_kbps=args.bitrate, preset=args.preset, retries=args.retries),
+            open_timeout=args.timeout, read_timeout=args.timeout, retries=args.retries, name=args.name)
+        serve = None
+        if args.serve is not None:
+            from transport.server import ServeSettings
+            from transport.webrtc import IceSettings
+
+            serve = ServeSettings(args.serve_host, args.serve, max_sessions=1, ice=IceSettings(hosts=tuple(args.ice_host)))
+        lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device, args.precision,
+                                      checkpoints=args.checkpoints)
+    except (OptionError, ConfigError, WeightsUnavailable, ValueError) as exc:
+        raise UserError(str(exc).replace("\n", " ")) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    def on_ready(relay) -> None:  # Ctrl-C ends the stream cleanly: a file output gets its index
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, relay.stop)
+
+    try:
+        return run_async(serve_and_relay(lipsync, settings, serve, on_ready=on_ready))
+    except RelayFailed as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # --serve's port is taken...
+        raise UserError(f"cannot serve on {args.serve_host}:{args.serve}: {exc.strerror or exc}") from None
+
+
 def _download(args: argparse.Namespace) -> None:
     from stream.config import ConfigError, load_config, with_vae
     from models.weights import WeightsUnavailable, from_hub
@@ -280,11 +382,17 @@ def _bench_live(args: argparse.Namespace) -> dict:
         frames = ping_pong(read_video(args.video, fps), n_frames, fps)
         feeder = asyncio.create_task(play_live(session, frames, speech_48k, OUTPUT_AUDIO_RATE, fps))
         while (out := await session.output()) is not None:
-            audio_out.append(out.audio)
+            audio_out.append((out.frame.pts, out.audio))
         await feeder
         stats = session.stats()
         await session.close()
-        return stats, session, np.concatenate(audio_out, axis=1)
+        # Each frame's audio where its frame sits on the timeline (a frame skipped to ease the
+        # playout delay back leaves silence, not a shift of everything after it).
+        timeline = np.zeros(round(n_frames / fps * OUTPUT_AUDIO_RATE) + OUTPUT_AUDIO_RATE, np.float32)
+        for pts, audio in audio_out:
+            start = round(pts * OUTPUT_AUDIO_RATE)
+            timeline[start : start + audio.shape[1]] = audio[0][: len(timeline) - start]
+        return stats, session, timeline
 
     import asyncio
 
@@ -294,8 +402,8 @@ def _bench_live(args: argparse.Namespace) -> dict:
     seams = seam_ratio(generation.recorded, generation.boundaries, region)
     # The output audio against the input, by cross-correlation: how far the audio that left with
     # the frames is from where it was in the source.
-    reference = speech_48k[0, : audio_out.shape[1]]
-    lag = _best_lag(reference, audio_out[0], max_lag=OUTPUT_AUDIO_RATE // 5)
+    reference = speech_48k[0, : len(audio_out)]
+    lag = _best_lag(reference, audio_out[: len(reference)], max_lag=OUTPUT_AUDIO_RATE // 5)
     return {**stats, "frames": stats["frames_out"], "stride": args.stride,
             "steps": config["sampler"]["steps"], "frames_in": n_frames,
             "seam_ratio": round(seams, 3) if seams else None,
@@ -364,7 +472,7 @@ def _print_live_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _arguments()
     args = parser.parse_args(argv)
-    if args.command == "bench" and not args.webrtc and not args.video:
+    if args.command == "bench" and not (args.webrtc or args.rtmp) and not args.video:
         parser.error("the following arguments are required: --video")
     try:
         if args.command == "file":
@@ -375,6 +483,23 @@ def main(argv: list[str] | None = None) -> int:
             _serve(args)
         elif args.command == "download":
             _download(args)
+        elif args.command == "rtmp":
+            result = _rtmp(args)
+            from transport.rtmp import format_summary
+
+            print(format_summary(result))
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+        elif args.command == "bench" and args.rtmp:
+            from bench.rtmp import BenchError, measure_cli, print_table
+
+            try:
+                result = measure_cli(args)
+            except BenchError as exc:
+                raise UserError(str(exc)) from None
+            print_table(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
         elif args.command == "bench" and args.webrtc:
             from bench.glass_to_glass import print_table
 

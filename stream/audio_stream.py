@@ -106,8 +106,8 @@ class StreamingAudio:
         self.vad = StreamingVad() if vad else None
         self.fade_step = 1.0 / max(fade_frames, 1)
         self.audio_timeout = audio_timeout
-        # Frames are released in groups of ``batch`` (the window stride: the next stage waits for
-        # that many anyway), so the encoder runs once per stride, not once per frame.
+        # Frames are released in whole groups of ``batch`` (the window stride: the next stage waits
+        # for that many anyway), so the encoder runs once per stride, not once per frame.
         self.batch = batch
         self.frames_silent = 0
         self.frames_without_audio = 0
@@ -150,8 +150,12 @@ class StreamingAudio:
         while release < len(self._pending) and (final or self._pending[release].frame.index < ready
                                                 or overdue(self._pending[release])):
             release += 1
-        if not final and release < self.batch and not any(overdue(f) for f in self._pending[:release]):
-            return []
+        if not final and not any(overdue(f) for f in self._pending[:release]):
+            # Whole strides only: the window stage cuts every ``batch`` frames it receives, so a
+            # stride split across two releases would wait for the next one (up to a stride more).
+            release = release // self.batch * self.batch
+            if not release:
+                return []
         out, self._pending = self._pending[:release], self._pending[release:]
         heard = [f for f in out if f.frame.pts < self.features.received_seconds]
         chunks = self.features.chunks([f.frame.index for f in heard]) if heard else None
