@@ -43,6 +43,7 @@ class SessionManager:
         self.sessions: dict[str, LiveSession] = {}
         self.recent: deque[dict] = deque(maxlen=RECENT_SESSIONS)
         self._expiry: asyncio.Task | None = None
+        self._created_callbacks: list = []
 
     def create(self, kind: str, *, name: str | None = None, avatar=None,
                audio_format: AudioFormat | None = None,
@@ -71,7 +72,13 @@ class SessionManager:
                               avatar_cache=self.avatar_cache)
         self.sessions[name] = session
         session.on_closed(lambda: self._forget(name))
+        for callback in list(self._created_callbacks):
+            callback(session)
         return session
+
+    def on_created(self, callback) -> None:
+        """Call ``callback(session)`` for every session created from now on, whichever door it came in by."""
+        self._created_callbacks.append(callback)
 
     def get(self, name: str) -> LiveSession:
         try:

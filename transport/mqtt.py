@@ -133,6 +133,7 @@ class MqttBridge:
         self._ticker: asyncio.Task | None = None
 
     def start(self) -> None:
+        self.manager.on_created(self._watch)  # its first events too, whichever door it came in by
         self._connection = asyncio.ensure_future(self._stay_connected())
         self._ticker = asyncio.ensure_future(self._tick())
 
@@ -258,6 +259,8 @@ class MqttBridge:
 
     def _watch(self, session: LiveSession) -> None:
         name = session.name
+        if name in self._watched:
+            return
         self._watched[name] = session.listen(lambda event: self._session_event(name, event))
         self._retain(f"{self.prefix}/{name}/status", json.dumps(session.describe()).encode())
         self._publish_server_status()
