@@ -1,0 +1,511 @@
+"""A live stream pushed into a session as it arrives: an RTMP pull, one RTMP publisher accepted
+directly (listen), SRT, HLS over http(s), or a file played in real time.
+
+    SourceReader (worker thread: open, demux, decode; reopen with backoff)
+        -> call_soon_threadsafe -> SessionFeed (event loop) -> session.push_video / push_audio
+
+One thread owns each container. Pictures go to the session when they arrive (their arrival is
+their ``captured_at``); the session's ticks take the newest one, which resamples any frame rate to
+the config's. Audio is resampled to 48 kHz stereo here (any rate or layout in) and placed on the
+session's clock by ``AudioTimeline``: where its timestamp says, mapped to the clock through the
+least delayed packets (``ClockMap``), and as silence wherever no audio arrives (an input that
+dropped, or one without audio), so the session, and whatever reads its output, never stalls.
+
+A URL is hostile until checked (``check_input``): only rtmp, rtmps, srt, http and https URLs and
+existing files are opened, always with explicit timeouts, so a dead input fails with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cmath
+import collections
+import logging
+import math
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+
+from stream.input_audio import LATE_AUDIO_START
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("rtmp", "rtmps", "srt", "http", "https")
+LIVE_SCHEMES = ("rtmp", "rtmps", "srt")  # read as they arrive; anything else is paced by its timestamps
+AUDIO_RATE = 48_000
+# Backoff between attempts to reopen an input: doubling from the first to the last, then steady.
+BACKOFF = (0.5, 8.0)
+# A listening input waits this long for a publisher per attempt, so that stopping is never held up longer.
+LISTEN_WAIT = 2
+# Audio that lands further than this from where its timestamp puts it is moved there (silence
+# inserted, or samples dropped). Smaller deviations are network jitter: moving audio is audible.
+AUDIO_TOLERANCE = 0.015
+# No audio for this long behind the clock: the input has none, or has gone. Silence is pushed up to
+# AUDIO_FILL_LAG behind the clock, so the session's audio stage never waits on it for long.
+AUDIO_SILENT_AFTER = 0.25
+AUDIO_FILL_LAG = 0.05
+FILL_PERIOD = 0.02
+# Pictures are pushed this long after the fastest path would bring them, so that one a little late
+# is still shown in its turn. It costs no latency: a frame waits longer than that for its audio
+# (the features reach 122.5 ms past it, stream/audio_stream.py).
+JITTER_ALLOWANCE = 0.06
+# The packet delays the clock map keeps: long enough to see the fastest packets
+# through any jitter, short enough to follow a sender's clock that drifts from ours.
+CLOCK_WINDOW = 10.0
+PICTURE_WAITS = 25  # frames over which where pictures were shown is taken (a second at 25 fps)
+MIN_SHOWN = 5  # frames shown before that is trusted
+UNSEEN_KEPT = 256  # pictures waiting to be shown that are remembered (most are shown within a second)
+# A paced file that falls this far behind its schedule (a slow decoder) starts a new schedule.
+PACE_RESET = 1.0
+
+
+class InputError(ValueError):
+    """An input that cannot be used: one line for the user."""
+
+
+def check_input(text: str, listen: bool = False) -> str:
+    """The input as FFmpeg should open it, or InputError. ``listen``: an rtmp:// URL to accept a publisher on."""
+    text = text.strip()
+    if not text:
+        raise InputError("the input is empty: give an rtmp://, rtmps://, srt://, http(s):// URL or a file")
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if not scheme:
+        if listen:
+            raise InputError(f"--listen wants rtmp://HOST:PORT/APP/KEY to listen on, not {text!r}")
+        if ":" in text.split("/", 1)[0] and not Path(text).exists():  # concat:, pipe:, subfile:...
+            raise InputError(f"{text!r}: not a file, and not an rtmp, rtmps, srt, http or https URL")
+        if not Path(text).is_file():
+            raise InputError(f"{text}: no such file")
+        return str(Path(text).resolve())  # absolute: FFmpeg never takes a part of it for a protocol
+    if scheme not in SCHEMES:
+        raise InputError(f"{text!r}: the scheme {scheme!r} is not allowed: use {', '.join(SCHEMES)} or a file")
+    if listen and scheme != "rtmp":
+        raise InputError(f"--listen accepts RTMP publishers only: rtmp://HOST:PORT/APP/KEY, not {text!r}")
+    _check_host(text)
+    if scheme in ("rtmp", "rtmps") and len([p for p in urllib.parse.urlsplit(text).path.split("/") if p]) < 2:
+        raise InputError(f"{text!r}: an RTMP URL names an application and a stream key: rtmp://HOST[:PORT]/APP/KEY")
+    return text
+
+
+def _check_host(text: str) -> None:
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise InputError(f"{text!r}: the port is not a number from 0 to 65535") from None
+    if not parts.hostname or any(c.isspace() for c in text):
+        raise InputError(f"{text!r}: a malformed URL (no host, or spaces in it)")
+    if port == 0:
+        raise InputError(f"{text!r}: port 0")
+
+
+def is_live(url: str) -> bool:
+    """Read as it arrives (True), or paced by its timestamps like a file (False)."""
+    return url.split("://", 1)[0].lower() in LIVE_SCHEMES if "://" in url else False
+
+
+# -- what a reader hands to the event loop ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Picture:
+    image: np.ndarray  # RGB (H, W, 3) uint8
+    ts: float  # seconds, the source's timestamp
+    arrived: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Audio:
+    samples: np.ndarray  # (2, n) float32 planar at AUDIO_RATE
+    ts: float
+    arrived: float
+
+
+@dataclass(frozen=True)
+class Status:
+    """``connected`` (with ``detail``: what the input holds), ``lost`` or ``failed`` (``detail``: why), ``ended``."""
+
+    kind: str
+    detail: dict
+
+
+# -- the reader ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReaderSettings:
+    url: str
+    listen: bool = False
+    video: bool = True
+    audio: bool = True
+    open_timeout: float = 10.0  # seconds for an attempt to open and probe (listen: per LISTEN_WAIT round)
+    read_timeout: float = 5.0  # no data for this long: the input is lost
+    retries: int = 0  # attempts after the first before a never-opened input is given up
+    paced: bool | None = None  # None: files and http(s) are paced, rtmp/srt are not
+
+
+class SourceReader:
+    """Opens, demuxes and decodes one input in its own thread, and reopens it when it fails.
+
+    ``deliver`` is called from that thread with each ``Picture``, ``Audio`` and ``Status``. Once
+    the input has opened, it is reopened forever, with backoff, until ``stop()``; before that, it
+    is given up (``Status("failed")``) after ``retries`` more attempts. A paced input that reaches
+    its end is ``ended``; a live one is ``lost`` and reopened.
+    """
+
+    def __init__(self, settings: ReaderSettings, deliver: Callable[[object], None]):
+        self.settings = settings
+        self._deliver = deliver
+        self._stop = threading.Event()
+        self._paced = settings.paced if settings.paced is not None else not (settings.listen or is_live(settings.url))
+        self._thread = threading.Thread(target=self._run, name=f"ingest {settings.url}", daemon=True)
+        self.connections = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                container = self._open()
+            except (av.error.FFmpegError, OSError) as exc:
+                if self.settings.listen and isinstance(exc, TimeoutError):
+                    continue  # nobody published during this round: listen again
+                attempt += 1
+                reason = error_reason(exc)
+                if not self.connections and attempt > self.settings.retries:
+                    self._deliver(Status("failed", {"reason": reason, "attempts": attempt}))
+                    return
+                log.info("input %s: %s (attempt %d)", self.settings.url, reason, attempt)
+                self._stop.wait(backoff_seconds(attempt))
+                continue
+            attempt = 0
+            self.connections += 1
+            try:
+                reason = self._read(container)
+            finally:
+                container.close()
+            if reason is None:
+                if not self._stop.is_set():
+                    self._deliver(Status("ended", {}))
+                return
+            if not self._stop.is_set():
+                self._deliver(Status("lost", {"reason": reason}))
+                self._stop.wait(BACKOFF[0])
+
+    def _open(self) -> av.container.InputContainer:
+        settings = self.settings
+        options = {}
+        if "://" in settings.url:  # a backstop: PyAV's timeouts below govern the open and each read
+            options["rw_timeout"] = str(int(max(settings.open_timeout, settings.read_timeout) * 1e6))
+        if not self._paced:  # live: what arrived while the stream was probed is stale, not to be handed over in a burst
+            options["fflags"] = "nobuffer"
+        if settings.listen:
+            options.update(listen="1", timeout=str(LISTEN_WAIT))  # rtmp's "timeout": how long to listen
+            timeout = (LISTEN_WAIT + settings.open_timeout, settings.read_timeout)
+        else:
+            timeout = (settings.open_timeout, settings.read_timeout)
+        container = av.open(settings.url, "r", options=options, timeout=timeout)
+        if not (container.streams.video and settings.video) and not (container.streams.audio and settings.audio):
+            container.close()
+            wanted = " and ".join(k for k, on in (("video", settings.video), ("audio", settings.audio)) if on)
+            raise av.error.ValueError(22, f"no {wanted} stream", settings.url)
+        return container
+
+    def _read(self, container: av.container.InputContainer) -> str | None:
+        """Deliver until the input ends (None) or fails (the reason)."""
+        video = container.streams.video[0] if container.streams.video and self.settings.video else None
+        audio = container.streams.audio[0] if container.streams.audio and self.settings.audio else None
+        if video is not None:
+            video.thread_type = "SLICE"  # frame threads would hold each picture back by a frame per thread
+        self._deliver(Status("connected", {
+            "video": f"{video.codec_context.name} {video.codec_context.width}x{video.codec_context.height}"
+                     if video is not None else None,
+            "audio": f"{audio.codec_context.name} {audio.codec_context.sample_rate} Hz "
+                     f"{audio.codec_context.layout.name}" if audio is not None else None}))
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=AUDIO_RATE)
+        pace: tuple[float, float] | None = None  # (monotonic, ts) the schedule starts from
+        streams = [s for s in (video, audio) if s is not None]
+        try:
+            for packet in container.demux(streams):
+                if self._stop.is_set():
+                    return "stopped"
+                if packet.dts is None:
+                    continue
+                ts = float(packet.pts * packet.time_base) if packet.pts is not None else None
+                if self._paced and ts is not None:
+                    pace = self._wait_for(pace, ts)
+                arrived = time.monotonic()
+                for frame in packet.decode():
+                    at = float(frame.pts * frame.time_base) if frame.pts is not None else ts
+                    if packet.stream is video:
+                        self._deliver(Picture(frame.to_ndarray(format="rgb24"), at, arrived))
+                    else:
+                        frame.pts = None  # resample by count: the timestamp goes with the block
+                        parts = [f.to_ndarray() for f in resampler.resample(frame)]
+                        if parts and at is not None:
+                            self._deliver(Audio(np.concatenate(parts, axis=1), at, arrived))
+        except (av.error.FFmpegError, OSError) as exc:
+            return error_reason(exc)
+        return None if self._paced else "the stream ended"
+
+    def _wait_for(self, pace: tuple[float, float] | None, ts: float) -> tuple[float, float]:
+        """Sleep until ``ts`` is due on the schedule (a new one after a jump back or a long lag)."""
+        now = time.monotonic()
+        if pace is None or ts < pace[1] or now - (pace[0] + ts - pace[1]) > PACE_RESET:
+            return now, ts
+        self._stop.wait(max(0.0, pace[0] + ts - pace[1] - now))
+        return pace
+
+
+def backoff_seconds(attempt: int, first: float = BACKOFF[0], last: float = BACKOFF[1]) -> float:
+    """Seconds to wait before attempt ``attempt`` + 1: doubling from ``first``, at most ``last``."""
+    return min(last, first * 2 ** (attempt - 1))
+
+
+def error_reason(exc: BaseException) -> str:
+    """An FFmpeg or socket error as a short phrase for a log line or an event."""
+    if isinstance(exc, TimeoutError):
+        return "no answer (timed out)"
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text if text else type(exc).__name__
+
+
+# -- on the event loop ------------------------------------------------------------------------
+
+
+class ClockMap:
+    """A source's timestamps on our clock: ts + the smallest delay (arrival - timestamp) of its
+    packets over the last CLOCK_WINDOW seconds.
+
+    The least delayed packets show where the source's clock is; the others only add jitter. Over
+    a sliding window, so that a sender's clock that drifts from ours is followed.
+    """
+
+    def __init__(self, window: float = CLOCK_WINDOW):
+        self.window = window
+        self._delays: collections.deque[tuple[float, float]] = collections.deque()  # (arrived, delay), increasing
+
+    def observe(self, ts: float, arrived: float) -> None:
+        delay = arrived - ts
+        while self._delays and self._delays[-1][1] >= delay:
+            self._delays.pop()
+        self._delays.append((arrived, delay))
+        while self._delays[0][0] < arrived - self.window:
+            self._delays.popleft()
+
+    def at(self, ts: float) -> float:
+        """``time.monotonic()`` at which ``ts`` was live."""
+        return ts + self._delays[0][1]
+
+
+class AudioTimeline:
+    """The session's audio, kept where it belongs on the session's clock (media seconds).
+
+    ``push`` is ``session.push_audio``; the session places pushed audio by count, from where its
+    first block arrived, so this class keeps the same count (``end``) and moves a block only when
+    it would land more than AUDIO_TOLERANCE from its target: silence before it, or its head dropped.
+    """
+
+    def __init__(self, push: Callable[[np.ndarray, int], None]):
+        self._push = push
+        self.end: float | None = None  # media seconds where the pushed audio ends
+        self.padded = 0.0  # seconds of silence inserted before audio that came late
+        self.dropped = 0.0  # seconds of audio dropped
+        self.filled = 0.0  # seconds of silence pushed while no audio came
+
+    def place(self, samples: np.ndarray, start: float, now: float) -> None:
+        """(2, n) samples at AUDIO_RATE that belong at media time ``start``; ``now`` is the clock."""
+        if self.end is None:  # the session puts the first block where the clock is (stream/input_audio.py)
+            self.end = now if now > LATE_AUDIO_START else 0.0
+        gap = start - self.end
+        if gap > AUDIO_TOLERANCE:
+            self._silence(gap)
+            self.padded += gap
+        elif gap < -AUDIO_TOLERANCE:
+            drop = min(samples.shape[1], round(-gap * AUDIO_RATE))
+            samples = samples[:, drop:]
+            self.dropped += drop / AUDIO_RATE
+        if abs(gap) > AUDIO_TOLERANCE:
+            log.debug("audio moved by %+.3f s at %.3f s (clock %.3f s)", gap, start, now)
+        if samples.shape[1]:
+            self._push(samples, AUDIO_RATE)
+            self.end += samples.shape[1] / AUDIO_RATE
+
+    def fill(self, now: float) -> bool:
+        """Silence up to AUDIO_FILL_LAG behind the clock when no audio came for AUDIO_SILENT_AFTER.
+
+        Returns whether it filled."""
+        if self.end is None:
+            self.end = now if now > LATE_AUDIO_START else 0.0
+        if now - self.end < AUDIO_SILENT_AFTER:
+            return False
+        self.filled += now - AUDIO_FILL_LAG - self.end
+        self._silence(now - AUDIO_FILL_LAG - self.end)
+        return True
+
+    def _silence(self, seconds: float) -> None:
+        n = round(seconds * AUDIO_RATE)
+        if n > 0:
+            self._push(np.zeros((2, n), np.float32), AUDIO_RATE)
+            self.end += n / AUDIO_RATE
+
+
+class SessionFeed:
+    """Feeds one session from its readers, on the event loop; turns their status into events.
+
+    ``audio_from``: which reader's audio drives the session (None: the session takes none of
+    theirs, e.g. program audio). ``on_status(reader_name, Status)`` hears every status change.
+    Events, told to the session's listeners: ``input_connected``, ``input_lost``,
+    ``input_restored``, ``input_ended``, ``input_failed``, each with ``input`` (the reader's name).
+
+    Where the audio goes is learnt from what the session shows (``shown``, given every frame the
+    session releases): the tick that first showed each picture, against the picture's timestamp.
+    Audio of the same timestamp goes there, so the output's A/V offset is what the source had.
+    """
+
+    def __init__(self, session, *, audio_from: str | None, fps: int,
+                 on_status: Callable[[str, Status], None] | None = None):
+        self.session = session
+        self.audio_from = audio_from
+        self.fps = fps
+        self._on_status = on_status
+        self._maps: dict[str, ClockMap] = {}
+        self.timeline = AudioTimeline(session.push_audio) if audio_from is not None else None
+        self._filler: asyncio.Task | None = None
+        self._lost_at: dict[str, float] = {}
+        self._phases: collections.deque[complex] = collections.deque(maxlen=PICTURE_WAITS)
+        self._pushed = 0  # the number of the newest picture pushed
+        self._to_mid_tick = 0.5 / fps  # from when pictures are due to mid-way between two ticks
+        # Pictures pushed and not shown yet, by arrival (their trace's captured_at): (reader, ts).
+        self._unseen: collections.OrderedDict[float, tuple[str, float]] = collections.OrderedDict()
+        # Learnt from the frames shown, lately: per reader, seconds from a picture's timestamp to
+        # the tick that showed it; and how long pictures waited for that tick.
+        self._shown_after: dict[str, collections.deque[float]] = {}
+        self._waits: collections.deque[float] = collections.deque(maxlen=PICTURE_WAITS)
+        self.pictures = 0
+
+    def deliverer(self, name: str, loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
+        """The thread-safe ``deliver`` for reader ``name``."""
+        def deliver(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(self._take, name, item)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+        return deliver
+
+    def _media_time(self) -> float:
+        """Now on the session's clock (our first push starts it, unless program audio did)."""
+        if self._filler is None and self.timeline is not None:
+            self._filler = asyncio.ensure_future(self._fill())
+        return self.session.clock()
+
+    def _take(self, name: str, item: object) -> None:
+        if isinstance(item, Status):
+            self._status(name, item)
+            return
+        clock = self._maps.setdefault(name, ClockMap())
+        if item.ts is not None:
+            clock.observe(item.ts, item.arrived)
+        if isinstance(item, Picture):
+            self._picture(name, item, clock)
+        elif name == self.audio_from and item.ts is not None:
+            now = self._media_time()
+            origin = time.monotonic() - now
+            self.timeline.place(item.samples, self._audio_at(name, item.ts, clock) - origin, now)
+
+    def _picture(self, name: str, item: Picture, clock: ClockMap) -> None:
+        """Push a picture when it is due (JITTER_ALLOWANCE after it was live), mid-way between two ticks.
+
+        The ticks (t0 + i / fps) take the newest picture. Pictures pushed close to a tick, as a
+        source at the session's own rate is from the start (its first picture starts the clock),
+        are shown twice or skipped at the least jitter; pushed mid-way, jitter up to half a tick
+        changes nothing. The hold follows the source's phase as it drifts; a picture later than
+        the hold goes at once.
+        """
+        origin = time.monotonic() - self._media_time()
+        due = clock.at(item.ts) + JITTER_ALLOWANCE if item.ts is not None else item.arrived
+        self._phases.append(cmath.exp(2j * math.pi * (due - origin) * self.fps))
+        phase = cmath.phase(sum(self._phases)) / (2 * math.pi)
+        self._to_mid_tick = ((0.5 - phase) % 1.0) / self.fps
+        hold = due - item.arrived + self._to_mid_tick
+        self.pictures += 1
+        number = self.pictures
+        if item.ts is not None:
+            self._unseen[item.arrived] = (name, item.ts)
+            while len(self._unseen) > UNSEEN_KEPT:
+                self._unseen.popitem(last=False)
+
+        def push() -> None:
+            if number > self._pushed:  # a later picture, held less, went first: this one is stale
+                self._pushed = number
+                self.session.push_video(item.image, captured_at=item.arrived)
+        asyncio.get_running_loop().call_later(max(0.0, item.arrived + hold - time.monotonic()), push)
+
+    def _audio_at(self, name: str, ts: float, clock: ClockMap) -> float:
+        """``time.monotonic()`` at which audio stamped ``ts`` by reader ``name`` goes on the clock:
+        where the ticks showed the pictures of the same moment."""
+        shown = self._shown_after.get(name)
+        if shown is not None and len(shown) >= MIN_SHOWN:
+            return ts + float(np.median(shown))
+        if len(self._waits) >= MIN_SHOWN:  # audio from another source: as long after it was live as pictures wait
+            return clock.at(ts) + float(np.median(self._waits))
+        # Before frames come out (a second or so): when pictures of the same moment are pushed, and
+        # half a tick for the tick that takes them.
+        return clock.at(ts) + JITTER_ALLOWANCE + self._to_mid_tick + 0.5 / self.fps
+
+    def shown(self, out) -> None:
+        """A frame the session released (``LiveOutput``): when its picture was shown, the first time."""
+        trace = out.frame.trace
+        first = self._unseen.pop(trace.captured_at, None) if trace.captured_at is not None else None
+        if first is None or trace.due_at is None:
+            return  # a picture shown again (the source is slower, or gone), or one from before a reconnect
+        name, ts = first
+        self._shown_after.setdefault(name, collections.deque(maxlen=PICTURE_WAITS)).append(trace.due_at - ts)
+        self._waits.append(trace.due_at - trace.captured_at)
+
+    async def _fill(self) -> None:
+        while True:
+            await asyncio.sleep(FILL_PERIOD)
+            self.timeline.fill(self.session.clock())
+
+    def _status(self, name: str, status: Status) -> None:
+        if status.kind == "connected":  # a new connection: new timestamps
+            self._maps.pop(name, None)
+            self._shown_after.pop(name, None)
+            for arrived in [a for a, (reader, _) in self._unseen.items() if reader == name]:
+                del self._unseen[arrived]
+            if name in self._lost_at:
+                gap = time.monotonic() - self._lost_at.pop(name)
+                self._report("input_restored", input=name, lost_seconds=round(gap, 2), **status.detail)
+            else:
+                self._report("input_connected", input=name, **status.detail)
+        elif status.kind == "lost":
+            self._lost_at[name] = time.monotonic()
+            self._report("input_lost", input=name, **status.detail)
+        elif status.kind == "ended":
+            self._report("input_ended", input=name)
+        elif status.kind == "failed":
+            self._report("input_failed", input=name, **status.detail)
+        if self._on_status is not None:
+            self._on_status(name, status)
+
+    def _report(self, event: str, **fields) -> None:
+        self.session.report(event, **fields)
+
+    def close(self) -> None:
+        if self._filler is not None:
+            self._filler.cancel()
