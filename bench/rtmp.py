@@ -343,11 +343,18 @@ def av_offsets(reading: Reading) -> list[float]:
     return offsets
 
 
+def _first_seen(reading: Reading) -> dict[int, float]:
+    """stamp -> when a picture with it was first read back."""
+    first_seen: dict[int, float] = {}
+    for _, at, stamp, _, _ in reading.frames:
+        if stamp >= 0:
+            first_seen.setdefault(stamp, at)
+    return first_seen
+
+
 def summarise(reading: Reading, sent: dict[int, float]) -> dict:
     stamped = [(pts, at, stamp) for pts, at, stamp, _, _ in reading.frames if stamp >= 0]
-    first_seen: dict[int, float] = {}
-    for _, at, stamp in stamped:
-        first_seen.setdefault(stamp, at)
+    first_seen = _first_seen(reading)
     latency = [at - sent[stamp] for stamp, at in first_seen.items() if stamp in sent]
     pts = [f[0] for f in reading.frames]
     gaps = np.diff(pts) if len(pts) > 1 else np.zeros(0)
@@ -427,10 +434,14 @@ def measure(config: str = "tiny", seconds: float = 20.0, size: tuple[int, int] =
         if not (folder / "relay.json").exists():
             raise BenchError(f"the relay did not finish: {(folder / 'relay.log').read_text()[-500:]}")
         sent = read_sent(folder / "sent.log")
-        legs = {key: summarise(Reading.load(folder / key), sent) for key in ("in", "out")}
+        readings = {key: Reading.load(folder / key) for key in ("in", "out")}
+        legs = {key: summarise(reading, sent) for key, reading in readings.items()}
     session = json.loads((folder / "relay.json").read_text())
+    seen_in, seen_out = (_first_seen(readings[key]) for key in ("in", "out"))
+    added = [seen_out[stamp] - at for stamp, at in seen_in.items() if stamp in seen_out]
     return {"config": config, "seconds": seconds, "size": list(size), "published": len(sent),
             "rtmp_only": legs["in"], "through_lipstream": legs["out"],
+            "added_by_lipstream_ms": _percentiles(added),
             "session": {k: session.get(k) for k in ("latency_ms", "frames_out", "frames_generated", "fps",
                                                     "dropped_frames", "clock_slips", "ttff_ms", "output")},
             "machine": {**machine, "load_1min_after": round(os.getloadavg()[0], 2)}, "logs": str(folder)}
@@ -459,11 +470,13 @@ def print_table(result: dict) -> None:
         lat, off = leg["latency_ms"], leg["av_offset_ms"]
         print(f"  {label:<22}{_ms(lat['p50']):>12}{_ms(lat['p95']):>8}{_ms(off['p50']):>18}{_ms(off['p95']):>8}"
               f"{_ms(off['median']):>8}{leg['frame_ratio'] or 0:>18.3f}{_ms(leg['largest_gap_ms']):>13}")
-    session = result["session"]
-    lat = session["latency_ms"] or {}
-    print(f"  the session itself: added latency p50 {_ms(lat.get('p50'))} p95 {_ms(lat.get('p95'))} ms, "
-          f"{session['frames_out']} frames out, {session['frames_generated']} generated, "
-          f"{session['dropped_frames']} dropped, {session['clock_slips']} clock slips")
+    added, session = result["added_by_lipstream_ms"], result["session"]
+    print(f"  added by lipstream (read back from the output minus from the input, per frame): "
+          f"p50 {_ms(added['p50'])} p95 {_ms(added['p95'])} ms")
+    print(f"  the session: {session['frames_out']} frames out, {session['frames_generated']} generated, "
+          f"{session['dropped_frames']} dropped, {session['clock_slips']} clock slips; its own latency p50 "
+          f"{_ms((session['latency_ms'] or {}).get('p50'))} ms (capture to release; its p95 counts the "
+          "last picture shown on after the input ended)")
 
 
 def _ms(value) -> str:

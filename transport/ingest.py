@@ -45,7 +45,7 @@ BACKOFF = (0.5, 8.0)
 LISTEN_WAIT = 2
 # Audio that lands further than this from where its timestamp puts it is moved there (silence
 # inserted, or samples dropped). Smaller deviations are network jitter: moving audio is audible.
-AUDIO_TOLERANCE = 0.015
+AUDIO_TOLERANCE = 0.008
 # No audio for this long behind the clock: the input has none, or has gone. Silence is pushed up to
 # AUDIO_FILL_LAG behind the clock, so the session's audio stage never waits on it for long.
 AUDIO_SILENT_AFTER = 0.25
@@ -278,8 +278,8 @@ def backoff_seconds(attempt: int, first: float = BACKOFF[0], last: float = BACKO
 
 def error_reason(exc: BaseException) -> str:
     """An FFmpeg or socket error as a short phrase for a log line or an event."""
-    if isinstance(exc, TimeoutError):
-        return "no answer (timed out)"
+    if isinstance(exc, (TimeoutError, av.error.ExitError)):  # ExitError: PyAV's timeout stopped FFmpeg
+        return "no answer in time"
     text = getattr(exc, "strerror", None) or str(exc)
     return text if text else type(exc).__name__
 

@@ -137,8 +137,8 @@ class Relay:
         if status.kind == "failed":
             what = self.settings.source if name == "in" else self.settings.audio
             self._finish(RelayFailed(f"cannot open {what}: {status.detail['reason']} "
-                                     f"(after {status.detail['attempts']} attempt(s) of "
-                                     f"{self.settings.open_timeout:g} s)"))
+                                     f"({status.detail['attempts']} attempt(s) of up to "
+                                     f"{self.settings.open_timeout:g} s; see --timeout, --retries)"))
         elif status.kind == "ended" and name == "in":
             self.session.end()
             asyncio.ensure_future(self._wait_published())
