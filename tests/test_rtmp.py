@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from bench.rtmp import Nginx, Reading, default_clip, free_port, publish, read, read_sent, summarise
-from conftest import REPO
+from conftest import MEDIA, REPO
 from stream.config import load_config
 from stream.pipeline import LipSync
 from stream.runner import run_async
@@ -141,7 +141,8 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_an_input_that_never_answers_fails_within_its_timeout(lipsync, tmp_path):
-    """A TCP port that accepts and then says nothing: given up after 1 + 1 retry attempts of 1.5 s."""
+    """A TCP port that accepts and then says nothing: given up after 1 + 1 retry attempts of 1.5 s.
+    An input without pictures fails at once."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
@@ -152,6 +153,9 @@ def test_an_input_that_never_answers_fails_within_its_timeout(lipsync, tmp_path)
             run_async(Relay(lipsync, settings).run())
         elapsed = time.monotonic() - started
     assert elapsed < 2 * 1.5 + 0.5 + 2.0, elapsed  # two attempts and one backoff, plus slack for a busy CPU
+    with pytest.raises(RelayFailed, match="speech_16k.wav: it has no video stream"):
+        run_async(Relay(lipsync, RelaySettings(check_input(str(MEDIA / "speech_16k.wav")),
+                                               str(tmp_path / "out.flv"))).run())
 
 
 # -- the pieces that keep audio where it belongs --------------------------------------------

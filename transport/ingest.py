@@ -69,6 +69,10 @@ class InputError(ValueError):
     """An input that cannot be used: one line for the user."""
 
 
+class MissingStream(OSError):
+    """An input that opened without the stream it is read for."""
+
+
 def check_input(text: str, listen: bool = False) -> str:
     """The input as FFmpeg should open it, or InputError. ``listen``: an rtmp:// URL to accept a publisher on."""
     text = text.strip()
@@ -219,10 +223,12 @@ class SourceReader:
         else:
             timeout = (settings.open_timeout, settings.read_timeout)
         container = av.open(settings.url, "r", options=options, timeout=timeout)
-        if not (container.streams.video and settings.video) and not (container.streams.audio and settings.audio):
+        # The pictures are what is lip-synced; audio may be missing (silence), unless it is all we read.
+        missing = "video" if settings.video and not container.streams.video else (
+            "audio" if not settings.video and not container.streams.audio else None)
+        if missing:
             container.close()
-            wanted = " and ".join(k for k, on in (("video", settings.video), ("audio", settings.audio)) if on)
-            raise av.error.ValueError(22, f"no {wanted} stream", settings.url)
+            raise MissingStream(f"it has no {missing} stream")
         return container
 
     def _read(self, container: av.container.InputContainer) -> str | None:

@@ -116,6 +116,7 @@ class Relay:
                                                      self.feed.deliverer("audio", loop))
             for reader in self.readers.values():
                 reader.start()
+            asyncio.ensure_future(self._wait_published())
             outcome = await self._outcome
         finally:
             await self._shut_down()
@@ -140,13 +141,13 @@ class Relay:
                                      f"({status.detail['attempts']} attempt(s) of up to "
                                      f"{self.settings.open_timeout:g} s; see --timeout, --retries)"))
         elif status.kind == "ended" and name == "in":
-            self.session.end()
-            asyncio.ensure_future(self._wait_published())
+            self.session.end()  # the pipeline drains, then the pump ends the publisher
 
     async def _wait_published(self) -> None:
-        """The input ended: the pipeline drains, the pump ends the publisher, the stream is finished."""
+        """The stream is finished once the publisher is: after the input ended, or the pipeline failed."""
         await asyncio.to_thread(self.publisher.done.wait)
-        self._finish("ended")
+        error = self.session.error
+        self._finish(RelayFailed(f"the lip-sync pipeline failed: {error!r}") if error is not None else "ended")
 
     def _finish(self, outcome) -> None:
         if self._outcome is not None and not self._outcome.done():
