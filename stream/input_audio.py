@@ -18,6 +18,8 @@ FEATURE_RATE = 16_000
 # Audio that starts within this long after the clock did is taken to start with it (the same
 # moment, seen through two transports); later than that, the gap before it is filled with silence.
 LATE_AUDIO_START = 0.02
+# Blocks (20 ms each from a microphone) whose arrival times decide where the audio starts.
+PLACEMENT_BLOCKS = 5
 
 
 class Resampler:
@@ -71,21 +73,44 @@ class PlaybackBuffer:
 
 
 class InputAudio:
-    """Puts pushed audio on the clock and hands the 16 kHz copy to ``to_features`` (thread-safe)."""
+    """Puts pushed audio on the clock and hands the 16 kHz copy to ``to_features`` (thread-safe).
 
-    def __init__(self, to_features: Callable[[np.ndarray], None]):
+    Where the audio starts on the clock is decided once, and every sample after that follows
+    contiguously, so the decision sets A/V sync for the whole stream. Arriving audio is only ever
+    late (network and scheduling jitter), never early: with ``placement_blocks`` > 1 the first
+    blocks are held until that many are in and the start is the earliest that any of them implies.
+    A program's audio, placed exactly, uses 1.
+    """
+
+    def __init__(self, to_features: Callable[[np.ndarray], None], placement_blocks: int = PLACEMENT_BLOCKS):
         self._to_features_stage = to_features
         self._to_features = Resampler(FEATURE_RATE, "mono")
         self._to_playback = Resampler(PLAYBACK_RATE, "stereo")
         self.playback = PlaybackBuffer(PLAYBACK_RATE)
         self.started = False
+        self._placement_blocks = placement_blocks
+        self._held: list[tuple[np.ndarray, int, float]] = []
 
     def push(self, samples: np.ndarray, rate: int, at_media_time: float) -> None:
-        """``samples`` (channels, n) at ``rate`` arrived ``at_media_time`` seconds into the stream."""
+        """``samples`` (channels, n) at ``rate``, the first of them ``at_media_time`` seconds into the stream."""
         if not self.started:
+            self._held.append((samples, rate, at_media_time))
+            if len(self._held) < self._placement_blocks:
+                return
             self.started = True
-            if at_media_time > LATE_AUDIO_START:  # a microphone that starts late: silence before it
-                self._to_features_stage(np.zeros(round(at_media_time * FEATURE_RATE), np.float32))
-                self.playback = PlaybackBuffer(PLAYBACK_RATE, start_s=at_media_time)
+            start, before = at_media_time, 0.0
+            for block, block_rate, at in self._held:  # where each block says the stream began
+                start = min(start, at - before)
+                before += np.atleast_2d(block).shape[1] / block_rate
+            if start > LATE_AUDIO_START:  # a microphone that starts late: silence before it
+                self._to_features_stage(np.zeros(round(start * FEATURE_RATE), np.float32))
+                self.playback = PlaybackBuffer(PLAYBACK_RATE, start_s=start)
+            held, self._held = self._held, []
+            for block, block_rate, _ in held:
+                self._append(block, block_rate)
+            return
+        self._append(samples, rate)
+
+    def _append(self, samples: np.ndarray, rate: int) -> None:
         self._to_features_stage(self._to_features(samples, rate)[0])
         self.playback.append(self._to_playback(samples, rate))

@@ -48,7 +48,7 @@ from stream.face_tracking import FaceTracking
 from stream.broadcast import Broadcast
 from stream.frames import Control, Trace, VideoFrame
 from stream.generation import Generation
-from stream.input_audio import InputAudio
+from stream.input_audio import PLACEMENT_BLOCKS, InputAudio
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
 from stream.program_audio import BufferFull, ProgramAudio
@@ -63,6 +63,8 @@ PROGRAM_LEAD = 0.2
 PROGRAM_PERIOD = 0.02
 # The playout delay comes down by one skipped frame at most this often (frames).
 EASE_EVERY = 5
+READY = "ready"  # the trace mark of a frame's arrival in the output queue
+EARLY_AUDIO = 2.0  # seconds of a camera session's audio kept from before its first picture
 
 
 @dataclass
@@ -81,9 +83,11 @@ class _OutputSink:
         self.dropped = 0
 
     def _put(self, item: VideoFrame | None) -> None:
-        if item is not None and self._outputs.qsize() >= self._limit:
-            self._outputs.get_nowait()
-            self.dropped += 1
+        if item is not None:
+            item.trace.marks[READY] = time.monotonic()  # when it could have left: what the playout needs
+            if self._outputs.qsize() >= self._limit:
+                self._outputs.get_nowait()
+                self.dropped += 1
         self._outputs.put_nowait(item)
 
     def process(self, frame: VideoFrame) -> list:
@@ -117,10 +121,12 @@ class LiveSession:
                                            self.options.vad, self.options.fade_frames, batch=self.options.stride)
         self._record = record
         self._queue_size = queue_size
-        self._input_audio = InputAudio(self._audio_stage.push)
+        # A program's audio is placed exactly where the pacer says; what arrives is placed by arrival.
+        self._input_audio = InputAudio(self._audio_stage.push, placement_blocks=1 if audio_format else PLACEMENT_BLOCKS)
         self._program = (ProgramAudio(audio_format, self.options.buffer_seconds)
                          if audio_format is not None else None)
         self._latest: tuple[np.ndarray, float] | None = None  # the newest picture and when it arrived
+        self._early_audio: list[tuple[np.ndarray, int, float]] = []  # a camera's, before its first picture
         self._controls: collections.deque[Control] = collections.deque()
         self._t0: float | None = None
         self._ending = False
@@ -153,8 +159,9 @@ class LiveSession:
 
     # -- input -----------------------------------------------------------------------------
 
-    def _clock(self) -> float:
-        now = time.monotonic()
+    def _clock(self, now: float | None = None) -> float:
+        """Seconds on the media clock at ``now`` (default: now); the first call starts the clock."""
+        now = time.monotonic() if now is None else now
         if self._t0 is None:
             self._t0 = now
         return now - self._t0
@@ -164,13 +171,38 @@ class LiveSession:
         return self._clock()
 
     def push_video(self, image: np.ndarray, captured_at: float | None = None) -> None:
-        """A camera picture; ``captured_at`` (``time.monotonic()``) is when it arrived, default now."""
-        self._clock()
-        self._latest = (image, time.monotonic() if captured_at is None else captured_at)
+        """A camera picture; ``captured_at`` (``time.monotonic()``) is when it arrived, default now.
+
+        A camera session's clock starts with its first picture, so that pictures arrive on the
+        frame grid and each tick, half a frame later, takes the one picture of its frame (not,
+        as jitter has it, sometimes the one before and then two at once).
+        """
+        arrived = time.monotonic() if captured_at is None else captured_at
+        self._latest = (image, arrived)
+        if self._t0 is None:
+            self._clock(arrived)
+            early, self._early_audio = self._early_audio, []
+            for samples, rate, began in early:
+                self._push_audio_at(samples, rate, began)
 
     def push_audio(self, samples: np.ndarray, rate: int) -> None:
-        """(channels, n) samples at ``rate``, as they arrive; their place on the clock is now."""
-        self._input_audio.push(samples, rate, self._clock())
+        """(channels, n) samples at ``rate``, as they arrive: the last of them was heard just now."""
+        began = time.monotonic() - np.atleast_2d(samples).shape[1] / rate
+        if self._t0 is None and self._avatar is None and self._program is None:
+            # Before a camera's first picture: kept until the clock starts (the last EARLY_AUDIO s).
+            self._early_audio.append((samples, rate, began))
+            while self._early_audio and began - self._early_audio[0][2] > EARLY_AUDIO:
+                self._early_audio.pop(0)
+            return
+        self._push_audio_at(samples, rate, began)
+
+    def _push_audio_at(self, samples: np.ndarray, rate: int, began: float) -> None:
+        at = self._clock(began)
+        if at < 0:  # heard before the clock started: only what comes after it
+            samples = np.atleast_2d(samples)[:, round(-at * rate):]
+            at = 0.0
+        if samples.shape[-1]:
+            self._input_audio.push(samples, rate, at)
 
     def write_audio(self, pcm: bytes) -> float:
         """Queue a program's PCM s16le (whole samples, the declared format); returns its seconds.
@@ -335,13 +367,16 @@ class LiveSession:
         first_queue = None
         # A camera's frames start with its first picture: ticks before it (audio came first) had nothing to show.
         index = 0 if self._avatar is not None else int((time.monotonic() - self._t0) * self.fps)
+        # An avatar's frame is made at its tick; a camera's picture arrives on the grid (its first
+        # one started the clock) and is taken half a frame later, out of reach of arrival jitter.
+        tick_phase = 0.0 if self._avatar is not None else 0.5
         while not self._closed and not (self._ending and self._avatar is not None):
-            due = self._t0 + index / self.fps
+            due = self._t0 + (index + tick_phase) / self.fps
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self._ending and self._avatar is None:
-                return
+            if self._ending and self._avatar is None and index / self.fps > self._latest[1] - self._t0 + 0.5 / self.fps:
+                return  # the camera has ended and its last picture has had its tick
             while self._controls:
                 command = self._controls.popleft()
                 if command.kind == "avatar":
@@ -371,7 +406,10 @@ class LiveSession:
                     raise RuntimeError(f"live pipeline failed: {self.error!r}") from self.error
                 return None
             now = time.monotonic()
-            self._needed_delay.append(now - frame.pts)
+            # Measured from when the frame was ready, not from now: a frame that waited in the queue
+            # while the one before it was held to its time would otherwise report the playout
+            # delay itself as what it needed, and the delay could never come down.
+            self._needed_delay.append(frame.trace.marks[READY] - frame.pts)
             if self._anchor is None:
                 self._anchor = now - frame.pts
             if not self._eases_back():

@@ -189,7 +189,8 @@ def test_queues_stay_bounded_when_the_model_is_slow(lipsync, speech):
     stats, outputs, session = play(slow, 5.0, speech[1], late_after=0.3, vad=False)
     # Late windows pass through (counted) instead of piling up: the stream keeps its pace.
     assert stats["late_frames"] > 0
-    assert len(outputs) + stats["dropped_ticks"] >= 120
+    # Every tick is accounted for: out, refused at the door, or skipped to ease the delay back.
+    assert len(outputs) + stats["dropped_ticks"] + stats["eased_frames"] >= 120, stats
     assert stats["latency_ms"]["p95"] < 2000
     assert len(session.generation._ring) <= 16
     assert [o.frame.index for o in outputs] == sorted(o.frame.index for o in outputs)

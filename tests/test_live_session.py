@@ -17,6 +17,7 @@ import torch
 from conftest import MEDIA
 from models.lipsync import BypassModel
 from stream.config import load_config
+from stream.input_audio import PLACEMENT_BLOCKS
 from stream.live import LiveSession
 from stream.session_options import SessionOptions
 from stream.pipeline import LipSync
@@ -115,20 +116,38 @@ def test_latency_counts_from_when_the_picture_arrived(lipsync, speech_48k):
     assert stats["latency_ms"]["p50"] >= 500
 
 
-def test_two_pushes_before_the_audio_stage_drains_pad_the_late_start_once(lipsync, speech_48k):
-    """The microphone starts 0.2 s after the clock; its first two blocks land before any drain."""
+def test_pushes_before_the_audio_stage_drains_pad_the_late_start_once(lipsync, speech_48k):
+    """The microphone starts 0.2 s after the clock; its first blocks all land before any drain."""
     session = LiveSession(lipsync, options=SessionOptions(vad=False))
     session._clock()  # the clock starts (a camera picture, or an avatar session starting)
     time.sleep(0.2)
-    session.push_audio(speech_48k[:, :BLOCK], 48000)
-    session.push_audio(speech_48k[:, BLOCK : 2 * BLOCK], 48000)
+    blocks = PLACEMENT_BLOCKS + 1
+    for n in range(blocks):
+        session.push_audio(speech_48k[:, n * BLOCK : (n + 1) * BLOCK], 48000)
     features = session._audio_stage.features
     assert features.received_seconds == 0  # nothing drained yet: the worker thread has not run
     session._audio_stage._drain()
-    # Leading silence (>= 0.2 s, pushed once) + 40 ms of audio, less what the resampler still holds.
-    assert 0.2 + 0.03 <= features.received_seconds <= 0.2 + 0.04 + 0.02, features.received_seconds
-    audio, start = session._input_audio.playback.read(0.0, 0.2)
+    # Leading silence, pushed once, up to where the blocks began: they all arrived at >= 0.2 s, so
+    # they were heard in the 120 ms before that; less what the resampler still holds.
+    heard = blocks * BLOCK / 48000
+    assert 0.2 - 0.01 <= features.received_seconds <= 0.2 + 0.02, features.received_seconds
+    audio, start = session._input_audio.playback.read(0.0, 0.2 - heard - 0.01)
     assert not audio.any()  # the late start is silence on the playback clock too
+
+
+def test_audio_is_placed_by_its_earliest_block_not_a_late_first_one(lipsync, speech_48k):
+    """A first block that arrives 30 ms late does not shift the whole stream's audio 30 ms."""
+    session = LiveSession(lipsync, options=SessionOptions(vad=False))
+    session._clock()
+    time.sleep(0.05)  # the first block arrives late: it began at 0.03 s, on time it began at 0
+    session.push_audio(speech_48k[:, :BLOCK], 48000)
+    for n in range(1, PLACEMENT_BLOCKS + 1):  # the rest on time: block n ends at (n + 1) x 20 ms
+        time.sleep(max(0.0, session._t0 + (n + 1) * 0.02 - time.monotonic()))
+        session.push_audio(speech_48k[:, n * BLOCK : (n + 1) * BLOCK], 48000)
+    audio, _ = session._input_audio.playback.read(0.0, 0.1)
+    expected = speech_48k[:, : audio.shape[1]]
+    shift = int(np.argmax(np.abs(audio[0]) > 1e-4)) - int(np.argmax(np.abs(expected[0]) > 1e-4))
+    assert abs(shift) <= 48 * 21, f"the audio starts {shift / 48:.1f} ms late"  # within a block's jitter
 
 
 class SlowModel:

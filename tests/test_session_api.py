@@ -138,7 +138,9 @@ def test_a_program_drives_an_avatar_over_the_websocket_and_a_viewer_watches(serv
     assert interrupted["position"] > 0.5, interrupted
     before = [change(image) for at, image in frames if commanded - 0.6 <= at < commanded]
     after = [(at - commanded, change(image)) for at, image in frames if at >= commanded]
-    threshold = 2 * max(np.median(idle), 1.0)
+    # Idle: far nearer the avatar's own mouth than a speaking one (VP8 takes a few frames to settle
+    # after the mouth stops, so "exactly the idle noise level" is too strict a test).
+    threshold = max(2 * np.median(idle), 0.2 * np.median(speaking), 1.0)
     assert np.median(before) > 2 * threshold, "it was speaking when interrupted"
     first_idle = next(t for t, c in after if c < threshold)
     assert first_idle <= 0.2, f"idle {1000 * first_idle:.0f} ms after the interrupt"
