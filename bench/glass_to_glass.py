@@ -863,6 +863,7 @@ def summarise(recording: Recording) -> dict:
         "latency_ms": _percentiles([1000 * (at - sent[f.stamp]) for f, at in zip(frames, arrived)]),
         "ttff_ms": round(1000 * (min(arrived) - sent[0]), 1),
         "av_offset_ms": _offset(offsets),
+        "av_offsets_ms": {str(m): round(o, 1) for m, o in zip(matched, offsets)},  # per marker's frame
         "model_fraction": round(generated / len(judged), 3) if judged else None,
         "frames_sent": measured,
         "frames_received": len(frames),

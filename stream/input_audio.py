@@ -20,6 +20,11 @@ FEATURE_RATE = 16_000
 LATE_AUDIO_START = 0.02
 # Blocks (20 ms each from a microphone) whose arrival times decide where the audio starts.
 PLACEMENT_BLOCKS = 5
+# Every this many blocks (1 s of a microphone's) the place is checked against their arrivals,
+# and corrected when their median lateness is over RETIME_THRESHOLD seconds either way: more than
+# the jitter of one block, less than what a viewer notices (lips 45 ms late, ITU-R BT.1359).
+RETIME_BLOCKS = 50
+RETIME_THRESHOLD = 0.015
 
 
 class Resampler:
@@ -75,14 +80,18 @@ class PlaybackBuffer:
 class InputAudio:
     """Puts pushed audio on the clock and hands the 16 kHz copy to ``to_features`` (thread-safe).
 
-    Where the audio starts on the clock is decided once, and every sample after that follows
-    contiguously, so the decision sets A/V sync for the whole stream. Arriving audio is only ever
-    late (network and scheduling jitter), never early: with ``placement_blocks`` > 1 the first
-    blocks are held until that many are in and the start is the earliest that any of them implies.
-    A program's audio, placed exactly, uses 1.
+    Samples follow each other contiguously on the clock; where they sit sets A/V sync. Arriving
+    audio is placed by arrival, like pictures: the first ``placement_blocks`` blocks are held and
+    the start is the earliest any of them implies (a block is only ever late, never early). A burst
+    at start-up (packets queued during a handshake, a stalled loop) still makes that start too
+    early, and a sender's clock can drift from ours, so with ``retime`` the place is re-estimated
+    from every RETIME_BLOCKS blocks' arrivals (their median lateness) and corrected when it is off
+    by more than RETIME_THRESHOLD: silence inserted, or that much of the coming audio skipped.
+    A program's audio, placed exactly by its pacer, uses neither.
     """
 
-    def __init__(self, to_features: Callable[[np.ndarray], None], placement_blocks: int = PLACEMENT_BLOCKS):
+    def __init__(self, to_features: Callable[[np.ndarray], None], placement_blocks: int = PLACEMENT_BLOCKS,
+                 retime: bool = True):
         self._to_features_stage = to_features
         self._to_features = Resampler(FEATURE_RATE, "mono")
         self._to_playback = Resampler(PLAYBACK_RATE, "stereo")
@@ -90,6 +99,11 @@ class InputAudio:
         self.started = False
         self._placement_blocks = placement_blocks
         self._held: list[tuple[np.ndarray, int, float]] = []
+        self._retime = retime
+        self._placed = 0.0  # media time where the next block goes
+        self._lateness: list[float] = []  # of recent blocks: where they began minus where they went
+        self._skip = 0.0  # seconds of coming audio to leave out
+        self.retimed_seconds: list[float] = []  # the corrections made, + later, - earlier
 
     def push(self, samples: np.ndarray, rate: int, at_media_time: float) -> None:
         """``samples`` (channels, n) at ``rate``, the first of them ``at_media_time`` seconds into the stream."""
@@ -105,12 +119,37 @@ class InputAudio:
             if start > LATE_AUDIO_START:  # a microphone that starts late: silence before it
                 self._to_features_stage(np.zeros(round(start * FEATURE_RATE), np.float32))
                 self.playback = PlaybackBuffer(PLAYBACK_RATE, start_s=start)
+                self._placed = start
             held, self._held = self._held, []
-            for block, block_rate, _ in held:
-                self._append(block, block_rate)
+            for block, block_rate, at in held:
+                self._append(block, block_rate, at)
             return
-        self._append(samples, rate)
+        self._append(samples, rate, at_media_time)
 
-    def _append(self, samples: np.ndarray, rate: int) -> None:
+    def _append(self, samples: np.ndarray, rate: int, at: float) -> None:
+        samples = np.atleast_2d(samples)
+        if self._skip:
+            skipped = min(samples.shape[1], round(self._skip * rate))
+            samples, at = samples[:, skipped:], at + skipped / rate
+            self._skip = max(0.0, self._skip - skipped / rate)
+        if not samples.shape[1]:
+            return
+        if self._retime:
+            self._lateness.append(at - self._placed)
         self._to_features_stage(self._to_features(samples, rate)[0])
         self.playback.append(self._to_playback(samples, rate))
+        self._placed += samples.shape[1] / rate
+        if len(self._lateness) >= RETIME_BLOCKS:
+            self._correct(float(np.median(self._lateness)))
+            self._lateness = []
+
+    def _correct(self, off: float) -> None:
+        if off > RETIME_THRESHOLD:  # placed too early: what comes next goes later
+            self._to_features_stage(np.zeros(round(off * FEATURE_RATE), np.float32))
+            self.playback.append(np.zeros((2, round(off * PLAYBACK_RATE)), np.float32))
+            self._placed += off
+        elif off < -RETIME_THRESHOLD:  # placed too late: leave out as much of what comes next
+            self._skip += -off
+        else:
+            return
+        self.retimed_seconds.append(round(off, 4))

@@ -48,7 +48,7 @@ from stream.face_tracking import FaceTracking
 from stream.broadcast import Broadcast
 from stream.frames import Control, Trace, VideoFrame
 from stream.generation import Generation
-from stream.input_audio import PLACEMENT_BLOCKS, InputAudio
+from stream.input_audio import InputAudio
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
 from stream.program_audio import BufferFull, ProgramAudio
@@ -122,7 +122,8 @@ class LiveSession:
         self._record = record
         self._queue_size = queue_size
         # A program's audio is placed exactly where the pacer says; what arrives is placed by arrival.
-        self._input_audio = InputAudio(self._audio_stage.push, placement_blocks=1 if audio_format else PLACEMENT_BLOCKS)
+        self._input_audio = (InputAudio(self._audio_stage.push, placement_blocks=1, retime=False) if audio_format
+                             else InputAudio(self._audio_stage.push))
         self._program = (ProgramAudio(audio_format, self.options.buffer_seconds)
                          if audio_format is not None else None)
         self._latest: tuple[np.ndarray, float] | None = None  # the newest picture and when it arrived
@@ -493,6 +494,7 @@ class LiveSession:
             "clock_slips": self.clock_slips,
             "eased_frames": self.frames_eased,
             "silent_frames": self._audio_stage.frames_silent,
+            "audio_retimed_ms": [round(1000 * s, 1) for s in self._input_audio.retimed_seconds[-8:]],
             "frames_without_face": self.faces.frames_without_face if self.faces else 0,
             "interrupted_frames": self.frames_interrupted,
             "viewers": self.broadcast.sinks,
