@@ -18,7 +18,8 @@ every process on the machine).
 - ``summarise``: latency (read back minus sent, per stamp, first time seen), frames against
   frames published over the same span, the largest gap in the timestamps, and the A/V offset in
   the stream read back (a chirp's timestamp minus that of the first picture stamped with its
-  frame; positive: audio late).
+  frame, or of one of the next two less their frame times when it was skipped; positive: audio
+  late).
 
 The bench reads the input stream and the relayed one at the same time: the first is the RTMP
 leg alone (publisher -> nginx -> reader), the second adds lipstream (pull, lip-sync, push).
@@ -54,6 +55,8 @@ MEDIA = REPO.parent / "shared" / "media"
 AUDIO_RATE = 48_000
 SAMPLES_PER_FRAME = AUDIO_RATE // FPS
 DEFAULT_SIZE = (360, 640)
+MARKER_STAND_IN = 2  # frames after a skipped marker picture that may stand in for it
+CONTIGUOUS = 0.003  # seconds: audio blocks closer than this to the end of the one before follow it
 MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"))
 
 
@@ -303,15 +306,22 @@ def read(url: str, seconds: float, stop: threading.Event | None = None, open_tim
 
 
 def _place(blocks: list[tuple[float, np.ndarray]]) -> tuple[np.ndarray, float | None]:
-    """Audio blocks laid out by their timestamps (the stream's, whatever its gaps), from the first one."""
+    """Audio blocks laid out by their timestamps (the stream's, whatever its gaps), from the first one.
+
+    FLV stamps in whole milliseconds: a block within a few of where the one before ended follows
+    it sample for sample (else the chirps, cut and overlapped by rounding, would not be found)."""
     if not blocks:
         return np.zeros(0, np.float32), None
     start = blocks[0][0]
-    end = max(round((at - start) * AUDIO_RATE) + len(b) for at, b in blocks)
-    out = np.zeros(end, np.float32)
+    places, follows = [], 0
     for at, block in blocks:
-        i = max(0, round((at - start) * AUDIO_RATE))
-        out[i : i + len(block)] = block[: len(out) - i]
+        place = round((at - start) * AUDIO_RATE)
+        place = follows if abs(place - follows) <= CONTIGUOUS * AUDIO_RATE else max(0, place)
+        places.append(place)
+        follows = place + len(block)
+    out = np.zeros(max(p + len(b) for p, (_, b) in zip(places, blocks)), np.float32)
+    for place, (_, block) in zip(places, blocks):
+        out[place : place + len(block)] = block
     return out, start
 
 
@@ -327,16 +337,24 @@ def _percentiles(values_s: list[float]) -> dict[str, float | None]:
 
 
 def av_offsets(reading: Reading) -> list[float]:
-    """Seconds from each marker picture to its chirp in the stream read back (positive: audio late)."""
+    """Seconds from each marker picture to its chirp in the stream read back (positive: audio late).
+
+    A marker picture the stream skipped (a live session takes the newest picture at each tick) is
+    placed from the next one shown, up to MARKER_STAND_IN frames after it, one frame time apart.
+    """
     if reading.audio_start is None:
         return []
     heard = [reading.audio_start + start / AUDIO_RATE for start, _ in find_markers(reading.audio)]
-    first_shown: dict[int, float] = {}
+    shown: dict[int, tuple[int, float]] = {}  # marker frame -> (frames after it, where it would be)
     for pts, _, stamp, _, _ in reading.frames:
-        if stamp >= 0 and stamp % FPS == MARKER_FRAME:
-            first_shown.setdefault(stamp, pts)
+        if stamp < 0:
+            continue
+        after = (stamp - MARKER_FRAME) % FPS
+        marker = stamp - after
+        if after <= MARKER_STAND_IN and after < shown.get(marker, (FPS, 0.0))[0]:
+            shown[marker] = (after, pts - after / FPS)
     offsets = []
-    for pts in first_shown.values():
+    for _, pts in shown.values():
         near = [at - pts for at in heard if abs(at - pts) < 0.5]
         if near:
             offsets.append(min(near, key=abs))

@@ -186,9 +186,14 @@ class LiveSession:
             for samples, rate, began in early:
                 self._push_audio_at(samples, rate, began)
 
-    def push_audio(self, samples: np.ndarray, rate: int) -> None:
-        """(channels, n) samples at ``rate``, as they arrive: the last of them was heard just now."""
-        began = time.monotonic() - np.atleast_2d(samples).shape[1] / rate
+    def push_audio(self, samples: np.ndarray, rate: int, began: float | None = None) -> None:
+        """(channels, n) samples at ``rate``, as they arrive: the last of them was heard just now.
+
+        ``began``: the ``time.monotonic()`` its first sample belongs at, for a transport that knows
+        better than arrival (a stream's timestamps); placed and retimed the same way.
+        """
+        if began is None:
+            began = time.monotonic() - np.atleast_2d(samples).shape[1] / rate
         if self._t0 is None and self._avatar is None and self._program is None:
             # Before a camera's first picture: kept until the clock starts (the last EARLY_AUDIO s).
             self._early_audio.append((samples, rate, began))

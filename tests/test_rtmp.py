@@ -18,6 +18,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import av
@@ -30,8 +31,8 @@ from stream.config import load_config
 from stream.pipeline import LipSync
 from stream.runner import run_async
 from stream.session_options import AudioFormat, SessionOptions
-from transport.ingest import AudioTimeline, ClockMap, InputError, check_input
-from transport.publish import OutputError, OutputSettings, check_output, fit_picture
+from transport.ingest import Audio, InputError, Picture, SessionFeed, Status, check_input
+from transport.publish import OutputError, OutputSettings, Publisher, check_output, fit_picture
 from transport.rtmp import Relay, RelayFailed, RelaySettings, serve_and_relay
 
 FPS = 25
@@ -140,9 +141,10 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     assert done.returncode == 2 and done.stderr.startswith("error: 'rtmp://': a malformed URL"), done.stderr
 
 
-def test_an_input_that_never_answers_fails_within_its_timeout(lipsync, tmp_path):
-    """A TCP port that accepts and then says nothing: given up after 1 + 1 retry attempts of 1.5 s.
-    An input without pictures fails at once."""
+def test_an_input_or_output_that_never_answers_fails_within_its_timeout(lipsync, tmp_path):
+    """A TCP port that accepts and then says nothing: as an input, given up after 1 + 1 retry
+    attempts of 1.5 s; as an output, once its handshake has made no progress for 1 s. An input
+    without pictures fails at once."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
@@ -153,37 +155,51 @@ def test_an_input_that_never_answers_fails_within_its_timeout(lipsync, tmp_path)
             run_async(Relay(lipsync, settings).run())
         elapsed = time.monotonic() - started
     assert elapsed < 2 * 1.5 + 0.5 + 2.0, elapsed  # two attempts and one backoff, plus slack for a busy CPU
+    with socket.socket() as silent:  # an RTMP server that accepts and never answers the handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        settings = RelaySettings(check_input(str(MEDIA / "speaker_wide.mp4")),
+                                 f"rtmp://127.0.0.1:{silent.getsockname()[1]}/live/out",
+                                 output=OutputSettings(preset="ultrafast", write_timeout=1.0))
+        started = time.monotonic()
+        with pytest.raises(RelayFailed, match=r"cannot publish to rtmp://.*: no answer in time"):
+            run_async(Relay(lipsync, settings).run())
+        assert time.monotonic() - started < 8.0
     with pytest.raises(RelayFailed, match="speech_16k.wav: it has no video stream"):
         run_async(Relay(lipsync, RelaySettings(check_input(str(MEDIA / "speech_16k.wav")),
                                                str(tmp_path / "out.flv"))).run())
 
 
-# -- the pieces that keep audio where it belongs --------------------------------------------
+# -- the pieces ---------------------------------------------------------------------------------
 
 
-def test_audio_timeline_pads_gaps_and_drops_overlaps():
-    pushed = []
-    timeline = AudioTimeline(lambda samples, rate: pushed.append(samples.shape[1]))
-    block = np.ones((2, 960), np.float32)  # 20 ms
-    timeline.place(block, start=0.0, now=0.0)
-    timeline.place(block, start=0.02, now=0.02)
-    assert timeline.end == pytest.approx(0.04) and timeline.padded == timeline.dropped == 0
-    timeline.place(block, start=0.54, now=0.54)  # half a second missing: silence first
-    assert timeline.padded == pytest.approx(0.5) and timeline.end == pytest.approx(0.56)
-    timeline.place(block, start=0.50, now=0.56)  # overlaps what was pushed: its head is dropped
-    assert timeline.dropped == pytest.approx(0.02) and timeline.end == pytest.approx(0.56)
-    assert not timeline.fill(now=0.7)
-    assert timeline.fill(now=2.0) and timeline.end == pytest.approx(2.0 - 0.05)  # nothing came: silence
-    assert timeline.filled == pytest.approx(2.0 - 0.05 - 0.56)
+def test_the_feed_pushes_silence_while_no_audio_comes():
+    """Pictures and audio go in; once audio stops (the input dropped), silence takes its place from
+    where the audio ended, so the session's audio stage never waits on it."""
+    pushed: list[tuple[str, float]] = []
+    session = SimpleNamespace(clock=lambda: 0.0,
+                              push_video=lambda image, captured_at: pushed.append(("picture", captured_at)),
+                              push_audio=lambda samples, rate, began: pushed.append(("audio", samples.shape[1] / rate)),
+                              report=lambda event, **fields: pushed.append((event, 0.0)))
 
+    async def scenario():
+        feed = SessionFeed(session, audio_from="in", fps=FPS)
+        deliver = feed.deliverer("in", asyncio.get_running_loop())
+        deliver(Status("connected", {"video": "h264", "audio": "aac"}))
+        for _ in range(5):
+            deliver(Picture(np.zeros((4, 4, 3), np.uint8), 0.0, time.monotonic()))
+            deliver(Audio(np.zeros((2, 1920), np.float32), 0.0, time.monotonic()))
+            await asyncio.sleep(0.04)
+        before = len(pushed)
+        await asyncio.sleep(1.0)  # the input is gone
+        feed.close()
+        return feed, pushed[before:]
 
-def test_clock_map_follows_the_least_delayed_packets():
-    clock = ClockMap(window=1.0)
-    for k, jitter in enumerate([0.05, 0.0, 0.08, 0.02]):
-        clock.observe(ts=k * 0.04, arrived=100.0 + k * 0.04 + jitter)
-    assert clock.at(1.0) == pytest.approx(101.0)
-    clock.observe(ts=2.0, arrived=102.01)  # a second later, the old fastest packet is out of the window
-    assert clock.at(2.0) == pytest.approx(102.01)
+    feed, later = run_async(scenario())
+    kinds = [kind for kind, _ in pushed]
+    assert kinds[0] == "input_connected" and kinds.count("picture") == 5  # each held a little, none lost
+    assert later and all(kind == "audio" for kind, _ in later)
+    assert feed.filled == pytest.approx(sum(seconds for _, seconds in later), abs=1e-3) and 0.7 < feed.filled < 1.05
 
 
 def test_fit_picture_scales_and_pads_to_the_first_size():
@@ -192,6 +208,30 @@ def test_fit_picture_scales_and_pads_to_the_first_size():
     assert fitted.shape == (240, 320, 3)
     assert fitted[0, 0].sum() == 0 and fitted[120, 160].min() == 200  # letterboxed, content centred
     assert fit_picture(image, 480, 270) is image
+
+
+def test_published_audio_stays_with_the_video_for_ten_minutes(tmp_path):
+    """Timestamps from the media clock, audio sample-continuous (a frame the session dropped is
+    silence): after 10 minutes of 25 fps the two streams still end together."""
+    out = tmp_path / "long.flv"
+    publisher = Publisher(str(out), FPS, OutputSettings(preset="ultrafast", bitrate_kbps=50))
+    publisher.start()
+    image, audio = np.zeros((32, 32, 3), np.uint8), np.full((2, 48_000 // FPS), 0.1, np.float32)
+    frames = 10 * 60 * FPS
+    for i in range(frames):
+        if i != 100:
+            publisher.offer(i / FPS, SimpleNamespace(frame=SimpleNamespace(pts=i / FPS, image=image), audio=audio))
+        while publisher.stats()["frames_written"] < i - 8:  # keep the encoder's queue short: no picture dropped
+            time.sleep(0.001)
+    publisher.end()
+    assert publisher.done.wait(30) and publisher.stats()["pictures_dropped"] == 0
+    ends = {}
+    with av.open(str(out)) as container:
+        for packet in container.demux():
+            if packet.pts is not None:
+                ends[packet.stream.type] = float((packet.pts + packet.duration) * packet.time_base)
+    assert ends["video"] == pytest.approx(frames / FPS, abs=0.03)  # + the AAC priming both streams are shifted by
+    assert abs(ends["audio"] - ends["video"]) < 1024 / 48_000, ends  # within one AAC frame
 
 
 # -- files in, files out: variable input ------------------------------------------------------
@@ -248,7 +288,8 @@ def test_variable_input_50fps_44k_mono_whose_resolution_changes(lipsync, tmp_pat
     # Ticks the session drops when the CPU is short leave gaps in the timestamps, not in the audio.
     assert abs(pts[-1] + 1 / FPS - 3.2) < 0.15 and len(pts) >= 0.85 * 3.2 * FPS, (pts[-1], len(pts))
     assert audio.std() > 0.05 and abs(len(audio) / 48_000 - (pts[-1] + 1 / FPS)) < 0.1
-    assert summary["events"]["input_ended"] == 1 and summary["output"]["frames_written"] == len(pts)
+    output = summary["output"]
+    assert summary["events"]["input_ended"] == 1 and output["frames_written"] + output["pictures_repeated"] == len(pts)
 
 
 def test_audio_first_24fps_22k_surround(lipsync, tmp_path):

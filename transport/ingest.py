@@ -5,11 +5,12 @@ directly (listen), SRT, HLS over http(s), or a file played in real time.
         -> call_soon_threadsafe -> SessionFeed (event loop) -> session.push_video / push_audio
 
 One thread owns each container. Pictures go to the session when they arrive (their arrival is
-their ``captured_at``); the session's ticks take the newest one, which resamples any frame rate to
-the config's. Audio is resampled to 48 kHz stereo here (any rate or layout in) and placed on the
-session's clock by ``AudioTimeline``: where its timestamp says, mapped to the clock through the
-least delayed packets (``ClockMap``), and as silence wherever no audio arrives (an input that
-dropped, or one without audio), so the session, and whatever reads its output, never stalls.
+their ``captured_at``); its ticks take the newest picture, which resamples any frame rate to the
+config's. Audio is resampled to 48 kHz stereo here (any rate or layout in) and placed where the
+pictures of the same timestamp were shown. Live inputs are read without the burst of what queued
+while FFmpeg probed them; files (and HLS) are paced by their timestamps. Wherever no audio
+arrives (an input that dropped, or one without audio) silence is pushed, so the session, and
+whatever reads its output, never stalls.
 
 A URL is hostile until checked (``check_input``): only rtmp, rtmps, srt, http and https URLs and
 existing files are opened, always with explicit timeouts, so a dead input fails with one line.
@@ -32,8 +33,6 @@ from typing import Callable
 import av
 import numpy as np
 
-from stream.input_audio import LATE_AUDIO_START
-
 log = logging.getLogger(__name__)
 
 SCHEMES = ("rtmp", "rtmps", "srt", "http", "https")
@@ -43,22 +42,19 @@ AUDIO_RATE = 48_000
 BACKOFF = (0.5, 8.0)
 # A listening input waits this long for a publisher per attempt, so that stopping is never held up longer.
 LISTEN_WAIT = 2
-# Audio that lands further than this from where its timestamp puts it is moved there (silence
-# inserted, or samples dropped). Smaller deviations are network jitter: moving audio is audible.
-AUDIO_TOLERANCE = 0.008
-# No audio for this long behind the clock: the input has none, or has gone. Silence is pushed up to
-# AUDIO_FILL_LAG behind the clock, so the session's audio stage never waits on it for long.
-AUDIO_SILENT_AFTER = 0.25
-AUDIO_FILL_LAG = 0.05
+# No audio for this long: the input has none, or has gone. Silence is pushed in its place, so the
+# session's audio stage never waits on it and the output carries on. Just under the stage's own
+# patience (0.5 s, stream/audio_stream.py): a shorter stall of our own must not cost audio.
+AUDIO_SILENT_AFTER = 0.45
 FILL_PERIOD = 0.02
 # Pictures are pushed this long after the fastest path would bring them, so that one a little late
-# is still shown in its turn. It costs no latency: a frame waits longer than that for its audio
-# (the features reach 122.5 ms past it, stream/audio_stream.py).
+# is still shown in its turn. The frame waits longer than that for its audio anyway (the features
+# reach 122.5 ms past it, stream/audio_stream.py).
 JITTER_ALLOWANCE = 0.06
-# The packet delays the clock map keeps: long enough to see the fastest packets
+# The packet delays the clock map keeps the smallest of: long enough to see the fastest packets
 # through any jitter, short enough to follow a sender's clock that drifts from ours.
 CLOCK_WINDOW = 10.0
-PICTURE_WAITS = 25  # frames over which where pictures were shown is taken (a second at 25 fps)
+SHOWN_KEPT = 25  # frames over which where pictures were shown is taken (a second at 25 fps)
 MIN_SHOWN = 5  # frames shown before that is trusted
 UNSEEN_KEPT = 256  # pictures waiting to be shown that are remembered (most are shown within a second)
 # A paced file that falls this far behind its schedule (a slow decoder) starts a new schedule.
@@ -318,69 +314,23 @@ class ClockMap:
         return ts + self._delays[0][1]
 
 
-class AudioTimeline:
-    """The session's audio, kept where it belongs on the session's clock (media seconds).
-
-    ``push`` is ``session.push_audio``; the session places pushed audio by count, from where its
-    first block arrived, so this class keeps the same count (``end``) and moves a block only when
-    it would land more than AUDIO_TOLERANCE from its target: silence before it, or its head dropped.
-    """
-
-    def __init__(self, push: Callable[[np.ndarray, int], None]):
-        self._push = push
-        self.end: float | None = None  # media seconds where the pushed audio ends
-        self.padded = 0.0  # seconds of silence inserted before audio that came late
-        self.dropped = 0.0  # seconds of audio dropped
-        self.filled = 0.0  # seconds of silence pushed while no audio came
-
-    def place(self, samples: np.ndarray, start: float, now: float) -> None:
-        """(2, n) samples at AUDIO_RATE that belong at media time ``start``; ``now`` is the clock."""
-        if self.end is None:  # the session puts the first block where the clock is (stream/input_audio.py)
-            self.end = now if now > LATE_AUDIO_START else 0.0
-        gap = start - self.end
-        if gap > AUDIO_TOLERANCE:
-            self._silence(gap)
-            self.padded += gap
-        elif gap < -AUDIO_TOLERANCE:
-            drop = min(samples.shape[1], round(-gap * AUDIO_RATE))
-            samples = samples[:, drop:]
-            self.dropped += drop / AUDIO_RATE
-        if abs(gap) > AUDIO_TOLERANCE:
-            log.debug("audio moved by %+.3f s at %.3f s (clock %.3f s)", gap, start, now)
-        if samples.shape[1]:
-            self._push(samples, AUDIO_RATE)
-            self.end += samples.shape[1] / AUDIO_RATE
-
-    def fill(self, now: float) -> bool:
-        """Silence up to AUDIO_FILL_LAG behind the clock when no audio came for AUDIO_SILENT_AFTER.
-
-        Returns whether it filled."""
-        if self.end is None:
-            self.end = now if now > LATE_AUDIO_START else 0.0
-        if now - self.end < AUDIO_SILENT_AFTER:
-            return False
-        self.filled += now - AUDIO_FILL_LAG - self.end
-        self._silence(now - AUDIO_FILL_LAG - self.end)
-        return True
-
-    def _silence(self, seconds: float) -> None:
-        n = round(seconds * AUDIO_RATE)
-        if n > 0:
-            self._push(np.zeros((2, n), np.float32), AUDIO_RATE)
-            self.end += n / AUDIO_RATE
-
 
 class SessionFeed:
     """Feeds one session from its readers, on the event loop; turns their status into events.
+
+    Pictures go in as they arrive (their arrival is their ``captured_at``): the session's clock
+    starts with the first, and each tick takes the newest. Audio is placed where the ticks showed
+    the pictures of the same timestamp (``shown``, given every frame the session releases; until a
+    few have been shown, and for audio from another source, where it arrived), so the output's A/V
+    offset is the source's, whatever the delays on the way; the session retimes it from there
+    (stream/input_audio.py). While no audio comes (an input that dropped, or one without audio),
+    silence is pushed in its place, so the session's audio stage never waits on it and the output
+    carries on with the last picture.
 
     ``audio_from``: which reader's audio drives the session (None: the session takes none of
     theirs, e.g. program audio). ``on_status(reader_name, Status)`` hears every status change.
     Events, told to the session's listeners: ``input_connected``, ``input_lost``,
     ``input_restored``, ``input_ended``, ``input_failed``, each with ``input`` (the reader's name).
-
-    Where the audio goes is learnt from what the session shows (``shown``, given every frame the
-    session releases): the tick that first showed each picture, against the picture's timestamp.
-    Audio of the same timestamp goes there, so the output's A/V offset is what the source had.
     """
 
     def __init__(self, session, *, audio_from: str | None, fps: int,
@@ -389,20 +339,21 @@ class SessionFeed:
         self.audio_from = audio_from
         self.fps = fps
         self._on_status = on_status
-        self._maps: dict[str, ClockMap] = {}
-        self.timeline = AudioTimeline(session.push_audio) if audio_from is not None else None
-        self._filler: asyncio.Task | None = None
         self._lost_at: dict[str, float] = {}
-        self._phases: collections.deque[complex] = collections.deque(maxlen=PICTURE_WAITS)
+        self._maps: dict[str, ClockMap] = {}
+        self._maps_with_pictures: set[str] = set()
+        self._phases: collections.deque[complex] = collections.deque(maxlen=SHOWN_KEPT)
+        self._to_grid = 0.0  # from when a picture is due to mid-way between two ticks
+        self._tick_offset = 0.5 / self.fps  # where the session's ticks fall after a frame's time
         self._pushed = 0  # the number of the newest picture pushed
-        self._to_mid_tick = 0.5 / fps  # from when pictures are due to mid-way between two ticks
         # Pictures pushed and not shown yet, by arrival (their trace's captured_at): (reader, ts).
         self._unseen: collections.OrderedDict[float, tuple[str, float]] = collections.OrderedDict()
-        # Learnt from the frames shown, lately: per reader, seconds from a picture's timestamp to
-        # the tick that showed it; and how long pictures waited for that tick.
+        # Per reader, lately: seconds from a picture's timestamp to where the session first showed it.
         self._shown_after: dict[str, collections.deque[float]] = {}
-        self._waits: collections.deque[float] = collections.deque(maxlen=PICTURE_WAITS)
+        self._audio_until: float | None = None  # time.monotonic() where the audio pushed so far ends
+        self._filler: asyncio.Task | None = None
         self.pictures = 0
+        self.filled = 0.0  # seconds of silence pushed while no audio came
 
     def deliverer(self, name: str, loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
         """The thread-safe ``deliver`` for reader ``name``."""
@@ -413,12 +364,6 @@ class SessionFeed:
                 pass
         return deliver
 
-    def _media_time(self) -> float:
-        """Now on the session's clock (our first push starts it, unless program audio did)."""
-        if self._filler is None and self.timeline is not None:
-            self._filler = asyncio.ensure_future(self._fill())
-        return self.session.clock()
-
     def _take(self, name: str, item: object) -> None:
         if isinstance(item, Status):
             self._status(name, item)
@@ -428,26 +373,35 @@ class SessionFeed:
             clock.observe(item.ts, item.arrived)
         if isinstance(item, Picture):
             self._picture(name, item, clock)
-        elif name == self.audio_from and item.ts is not None:
-            now = self._media_time()
-            origin = time.monotonic() - now
-            self.timeline.place(item.samples, self._audio_at(name, item.ts, clock) - origin, now)
+        elif name == self.audio_from:
+            shown = self._shown_after.get(name)
+            if shown is not None and len(shown) >= MIN_SHOWN:
+                began = item.ts + float(np.median(shown))
+            else:  # until frames come out (a second or so): where a picture of that moment is pushed
+                began = clock.at(item.ts) + JITTER_ALLOWANCE + self._to_grid if name in self._maps_with_pictures \
+                    else None  # audio from another source: where it arrived
+            self.session.push_audio(item.samples, AUDIO_RATE, began)
+            seconds = item.samples.shape[1] / AUDIO_RATE
+            self._audio_until = began + seconds if began is not None else time.monotonic()
 
     def _picture(self, name: str, item: Picture, clock: ClockMap) -> None:
-        """Push a picture when it is due (JITTER_ALLOWANCE after it was live), mid-way between two ticks.
+        """Push a picture JITTER_ALLOWANCE after the fastest path would bring it, held to mid-way
+        between two of the session's ticks.
 
-        The ticks (t0 + i / fps) take the newest picture. Pictures pushed close to a tick, as a
-        source at the session's own rate is from the start (its first picture starts the clock),
-        are shown twice or skipped at the least jitter; pushed mid-way, jitter up to half a tick
-        changes nothing. The hold follows the source's phase as it drifts; a picture later than
-        the hold goes at once.
+        The ticks take the newest picture: pictures pushed close to a tick are shown twice or
+        skipped at the least jitter, and one that comes late is shown a tick late. Pushed on a
+        schedule made from their timestamps, mid-way between ticks, jitter up to the allowance
+        changes nothing. The hold follows the source's phase as it drifts (the session's grid is
+        fixed by its first picture); a picture later than its schedule goes at once.
         """
-        origin = time.monotonic() - self._media_time()
+        self._maps_with_pictures.add(name)
+        now = time.monotonic()
         due = clock.at(item.ts) + JITTER_ALLOWANCE if item.ts is not None else item.arrived
-        self._phases.append(cmath.exp(2j * math.pi * (due - origin) * self.fps))
-        phase = cmath.phase(sum(self._phases)) / (2 * math.pi)
-        self._to_mid_tick = ((0.5 - phase) % 1.0) / self.fps
-        hold = due - item.arrived + self._to_mid_tick
+        if self.pictures:  # the session's clock runs (its first picture started it)
+            grid = now - self.session.clock()
+            self._phases.append(cmath.exp(2j * math.pi * (due - grid - self._tick_offset) * self.fps))
+            phase = cmath.phase(sum(self._phases)) / (2 * math.pi)  # of the schedule, against the ticks
+            self._to_grid = ((0.5 - phase) % 1.0) / self.fps
         self.pictures += 1
         number = self.pictures
         if item.ts is not None:
@@ -456,37 +410,36 @@ class SessionFeed:
                 self._unseen.popitem(last=False)
 
         def push() -> None:
-            if number > self._pushed:  # a later picture, held less, went first: this one is stale
-                self._pushed = number
-                self.session.push_video(item.image, captured_at=item.arrived)
-        asyncio.get_running_loop().call_later(max(0.0, item.arrived + hold - time.monotonic()), push)
-
-    def _audio_at(self, name: str, ts: float, clock: ClockMap) -> float:
-        """``time.monotonic()`` at which audio stamped ``ts`` by reader ``name`` goes on the clock:
-        where the ticks showed the pictures of the same moment."""
-        shown = self._shown_after.get(name)
-        if shown is not None and len(shown) >= MIN_SHOWN:
-            return ts + float(np.median(shown))
-        if len(self._waits) >= MIN_SHOWN:  # audio from another source: as long after it was live as pictures wait
-            return clock.at(ts) + float(np.median(self._waits))
-        # Before frames come out (a second or so): when pictures of the same moment are pushed, and
-        # half a tick for the tick that takes them.
-        return clock.at(ts) + JITTER_ALLOWANCE + self._to_mid_tick + 0.5 / self.fps
+            if number <= self._pushed:  # a later picture, held less, went first: this one is stale
+                return
+            self._pushed = number
+            self.session.push_video(item.image, captured_at=item.arrived)
+            if self._filler is None and self.audio_from is not None:  # the clock runs from here
+                self._audio_until = self._audio_until or time.monotonic()
+                self._filler = asyncio.ensure_future(self._fill())
+        asyncio.get_running_loop().call_later(max(0.0, due + self._to_grid - now), push)
 
     def shown(self, out) -> None:
-        """A frame the session released (``LiveOutput``): when its picture was shown, the first time."""
+        """A frame the session released (``LiveOutput``): where its picture was shown, the first time,
+        and where the session's ticks fall between frames."""
+        grid = time.monotonic() - self.session.clock()
         trace = out.frame.trace
-        first = self._unseen.pop(trace.captured_at, None) if trace.captured_at is not None else None
-        if first is None or trace.due_at is None:
-            return  # a picture shown again (the source is slower, or gone), or one from before a reconnect
-        name, ts = first
-        self._shown_after.setdefault(name, collections.deque(maxlen=PICTURE_WAITS)).append(trace.due_at - ts)
-        self._waits.append(trace.due_at - trace.captured_at)
+        if trace.due_at is not None:
+            self._tick_offset = trace.due_at - grid - out.frame.pts
+        first = self._unseen.pop(trace.captured_at, None)
+        if first is not None:  # else a picture shown again (the source is slower, or gone)
+            name, ts = first
+            self._shown_after.setdefault(name, collections.deque(maxlen=SHOWN_KEPT)).append(grid + out.frame.pts - ts)
 
     async def _fill(self) -> None:
         while True:
             await asyncio.sleep(FILL_PERIOD)
-            self.timeline.fill(self.session.clock())
+            silent = time.monotonic() - self._audio_until
+            if silent >= AUDIO_SILENT_AFTER:
+                self.session.push_audio(np.zeros((2, round(silent * AUDIO_RATE)), np.float32), AUDIO_RATE,
+                                        self._audio_until)
+                self._audio_until += silent
+                self.filled += silent
 
     def _status(self, name: str, status: Status) -> None:
         if status.kind == "connected":  # a new connection: new timestamps

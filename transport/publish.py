@@ -6,14 +6,16 @@ tuning, a keyframe every 2 s, constrained to ``bitrate``) and AAC (48 kHz stereo
 
 Timestamps come from the session's media clock: a frame's pts is its place on that clock, and the
 audio that left with it (exactly its 1/fps) is written at the same place, sample-continuous, so
-audio and video cannot drift apart however long the stream runs. Each connection starts its
-timestamps at 0, from the first frame it carries.
+audio and video cannot drift apart however long the stream runs; a frame or two the session
+left out is filled with the picture before (and silence), so the stream keeps its frame rate. Each
+connection starts its timestamps at 0, from the first frame it carries.
 
 The queue is bounded and never blocks the pump: past VIDEO_BACKLOG pictures waiting, new pictures
 are dropped (their audio still goes), and whatever arrives while the server is unreachable is
 discarded. A connection that fails (the server restarted, the network went) is reopened with
-bounded exponential backoff; a write that hangs longer than ``write_timeout`` (FFmpeg gives
-outputs no timeout) is abandoned with its thread and a new connection is made. All of it is
+bounded exponential backoff; a server that does not answer the RTMP handshake within
+``write_timeout`` is not connected to (``answers_rtmp``), and a write that hangs longer than that
+is abandoned with its thread and a new connection is made. All of it is
 counted and reported as events: ``output_connected``, ``output_lost``, ``output_reconnected``,
 ``output_failed``.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -42,6 +46,8 @@ AUDIO_RATE = 48_000
 FILE_FORMATS = {".flv": "flv", ".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".ts": "mpegts"}
 VIDEO_BACKLOG = 12  # pictures waiting to be encoded (~0.5 s): a picture is worth sending only while fresh
 ITEM_BACKLOG = 250  # frames waiting at all (10 s at 25 fps); older ones are dropped, audio included
+HANDSHAKE_BYTES = 1536  # RTMP's C1 and S1
+REPEAT_AT_MOST = 3  # frames missing from the session's output that the last picture stands in for
 
 
 class OutputError(ValueError):
@@ -107,6 +113,34 @@ class _Item:
 _END = object()
 
 
+def answers_rtmp(url: str, timeout: float) -> None:
+    """Raise OSError unless the server at ``url`` answers an RTMP handshake within ``timeout`` s.
+
+    PyAV connects an output while holding the GIL, and FFmpeg gives that no timeout: a server that
+    accepts and then says nothing would freeze the whole process, not just the publisher's thread.
+    So the handshake is tried here first, where a timeout works (C0+C1 out, S0+S1 back, then goodbye).
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme.lower() == "rtmps"
+    with socket.create_connection((parts.hostname, parts.port or (443 if secure else 1935)), timeout) as raw:
+        stream = raw
+        if secure:  # as FFmpeg's TLS, which does not verify the server's certificate by default
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            stream = context.wrap_socket(raw, server_hostname=parts.hostname)
+        stream.settimeout(timeout)
+        stream.sendall(b"\x03" + bytes(HANDSHAKE_BYTES))
+        received = 0
+        try:
+            while received < 1 + HANDSHAKE_BYTES:
+                chunk = stream.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection during the RTMP handshake")
+                received += len(chunk)
+        except socket.timeout:
+            raise TimeoutError(f"no answer to the RTMP handshake in {timeout:g} s") from None
+
+
 class _Connection:
     """One open output: its container, encoders and timestamp origin. Owned by one worker thread."""
 
@@ -114,6 +148,8 @@ class _Connection:
         self.fps, self.origin = fps, origin
         self.width, self.height = size
         live = "://" in target
+        if live:
+            answers_rtmp(target, settings.write_timeout)
         form = "flv" if live else FILE_FORMATS[Path(target).suffix.lower()]
         self.container = av.open(target, "w", format=form,
                                  container_options={"flvflags": "no_duration_filesize"} if form == "flv" else None)
@@ -135,15 +171,22 @@ class _Connection:
             self.abandon()
             raise
         self._next_sample = 0
+        self._last: np.ndarray | None = None  # the last picture sent, as sent
+        self._next_index = 0  # the frame (at fps, from the origin) after it
+        self.repeated = 0
 
     def write(self, item: _Item) -> None:
         if item.image is not None:
-            picture = av.VideoFrame.from_ndarray(
-                np.ascontiguousarray(fit_picture(item.image, self.width, self.height)), format="rgb24")
-            picture.pts = round((item.pts - self.origin) * self.fps)
-            picture.time_base = Fraction(1, self.fps)
-            for packet in self.video.encode(picture):
-                self.container.mux(packet)
+            index = round((item.pts - self.origin) * self.fps)
+            image = np.ascontiguousarray(fit_picture(item.image, self.width, self.height))
+            # A frame or two the session left out (a dropped tick, a playout delay eased back): the
+            # picture before goes on showing, so the stream keeps its frame rate, as servers expect.
+            if self._last is not None and index - self._next_index <= REPEAT_AT_MOST:
+                for missing in range(self._next_index, index):
+                    self._encode(self._last, missing)
+                    self.repeated += 1
+            self._encode(image, index)
+            self._last, self._next_index = image, index + 1
         start = round((item.pts - self.origin) * AUDIO_RATE)
         samples = item.audio
         if start > self._next_sample:  # frames the session dropped: their span is silence
@@ -159,6 +202,12 @@ class _Connection:
             self._next_sample += samples.shape[1]
             for packet in self.audio.encode(frame):
                 self.container.mux(packet)
+
+    def _encode(self, image: np.ndarray, index: int) -> None:
+        picture = av.VideoFrame.from_ndarray(image, format="rgb24")
+        picture.pts, picture.time_base = index, Fraction(1, self.fps)
+        for packet in self.video.encode(picture):
+            self.container.mux(packet)
 
     def close(self) -> None:
         """Flush the encoders and finish the stream (a file's index)."""
@@ -191,7 +240,7 @@ class Publisher:
         self._pictures = 0  # items in the queue that carry a picture
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
-        self._busy_since: float | None = None  # when the worker entered a connect or a write
+        self._busy: tuple[threading.Thread, float] | None = None  # (worker, when) in a connect or a write
         self._size: tuple[int, int] | None = None  # fixed by the first picture, for every connection
         self._retry_at = 0.0
         self._attempts = 0
@@ -204,6 +253,7 @@ class Publisher:
         self.frames_written = 0
         self.pictures_dropped = 0
         self.frames_dropped = 0
+        self.pictures_repeated = 0
         self.reconnects = 0
         self.lost = 0
 
@@ -239,15 +289,24 @@ class Publisher:
 
     def stats(self) -> dict:
         return {"target": self.target, "connected": self.connected, "frames_written": self.frames_written,
-                "pictures_dropped": self.pictures_dropped, "frames_dropped": self.frames_dropped,
+                "pictures_dropped": self.pictures_dropped, "pictures_repeated": self.pictures_repeated,
+                "frames_dropped": self.frames_dropped,
                 "lost": self.lost, "reconnects": self.reconnects, "failed": self.failed}
 
     def _watch(self) -> None:
-        """A worker stuck in a connect or a write: give up on it and carry on with a new one."""
-        busy = self._busy_since
-        if busy is not None and time.monotonic() - busy > self.settings.write_timeout:
-            self._busy_since = None
-            self._lost(f"no progress for {self.settings.write_timeout:g} s")
+        """A worker stuck in a connect or a write: give up on it and carry on with a new one.
+
+        The stuck thread is left to FFmpeg (a daemon; it ends when the socket finally fails)."""
+        busy = self._busy
+        if busy is None or time.monotonic() - busy[1] <= self.settings.write_timeout or self.failed is not None:
+            return
+        self._busy = None
+        reason = f"no progress for {self.settings.write_timeout:g} s"
+        if self.connected:
+            self._lost(reason)
+        else:
+            self._failed_attempt(reason)
+        if self.failed is None:
             self._spawn()
 
     def _spawn(self) -> None:
@@ -284,17 +343,19 @@ class Publisher:
                     connection = self._connect(item.pts)
                     if connection is None:
                         continue
-                self._busy_since = time.monotonic()
+                self._set_busy(True)
                 try:
+                    repeated = connection.repeated
                     connection.write(item)
                     self.frames_written += 1
+                    self.pictures_repeated += connection.repeated - repeated
                 except (av.error.FFmpegError, OSError) as exc:
                     connection.abandon()
                     connection = None
                     if self._worker is me:
                         self._lost(error_reason(exc))
                 finally:
-                    self._busy_since = None
+                    self._set_busy(False)
         finally:
             if connection is not None:
                 if finished and self._worker is me:
@@ -304,25 +365,26 @@ class Publisher:
                         log.info("output %s: closing: %s", self.target, error_reason(exc))
                 else:
                     connection.abandon()
-            if finished or self.failed is not None:
+            if finished:
                 self.done.set()
 
+    def _set_busy(self, busy: bool) -> None:
+        me = threading.current_thread()
+        if busy:
+            self._busy = (me, time.monotonic())
+        elif self._busy is not None and self._busy[0] is me:  # not a newer worker's mark
+            self._busy = None
+
     def _connect(self, origin: float) -> _Connection | None:
-        self._busy_since = time.monotonic()
+        self._set_busy(True)
         try:
             connection = _Connection(self.target, self._size, self.fps, self.settings, origin)
         except (av.error.FFmpegError, OSError) as exc:
-            self._attempts += 1
-            reason = error_reason(exc)
-            if not self._live or (not self.ever_connected and self._attempts > self.settings.retries):
-                self.failed = f"{self.target}: {reason}"
-                self._report("output_failed", output=self.target, reason=reason, attempts=self._attempts)
-                return None
-            log.info("output %s: %s (attempt %d)", self.target, reason, self._attempts)
-            self._retry_at = time.monotonic() + backoff_seconds(self._attempts)
+            if self._worker is threading.current_thread():
+                self._failed_attempt(error_reason(exc))
             return None
         finally:
-            self._busy_since = None
+            self._set_busy(False)
         if self._worker is not threading.current_thread():  # given up on while connecting
             connection.abandon()
             return None
@@ -336,10 +398,23 @@ class Publisher:
         self._attempts = 0
         return connection
 
+    def _failed_attempt(self, reason: str) -> None:
+        """A connection that could not be made: retry after a backoff, or give up."""
+        self._attempts += 1
+        if not self._live or (not self.ever_connected and self._attempts > self.settings.retries):
+            self._fail(reason)
+            return
+        log.info("output %s: %s (attempt %d)", self.target, reason, self._attempts)
+        self._retry_at = time.monotonic() + backoff_seconds(self._attempts)
+
+    def _fail(self, reason: str) -> None:
+        self.failed = f"{self.target}: {reason}"
+        self._report("output_failed", output=self.target, reason=reason, attempts=max(1, self._attempts))
+        self.done.set()
+
     def _lost(self, reason: str) -> None:
         if not self._live:
-            self.failed = f"{self.target}: {reason}"
-            self._report("output_failed", output=self.target, reason=reason, attempts=1)
+            self._fail(reason)
             return
         if self.connected:
             self.connected = False

@@ -173,15 +173,13 @@ class Relay:
             "seconds": round(time.monotonic() - self.started_at, 2) if self.started_at else 0.0,
             "events": {name: self.events[name] for name in EVENTS},
             "pictures_in": feed.pictures if feed else 0,
-            "audio_padded_s": round(feed.timeline.padded, 3) if feed and feed.timeline else 0.0,
-            "audio_filled_s": round(feed.timeline.filled, 3) if feed and feed.timeline else 0.0,
-            "audio_dropped_s": round(feed.timeline.dropped, 3) if feed and feed.timeline else 0.0,
+            "audio_filled_s": round(feed.filled, 3) if feed else 0.0,
             "output": self.publisher.stats() if self.publisher else {},
         }
 
 
 class _Output:
-    """The relay's sink of the session's pump: the publisher, and the feed learning when pictures were shown."""
+    """The relay's sink of the session's pump: the publisher, and the feed learning where pictures were shown."""
 
     def __init__(self, feed: SessionFeed, publisher: Publisher):
         self._feed, self._publisher = feed, publisher
@@ -233,7 +231,7 @@ def format_summary(summary: dict) -> str:
         f"  added latency ms  p50 {latency.get('p50', 0):.0f}  p95 {latency.get('p95', 0):.0f}"
         f"   dropped {summary.get('dropped_frames', 0)}   clock slips {summary.get('clock_slips', 0)}",
         f"  output: {output.get('frames_written', 0)} frames written, {output.get('pictures_dropped', 0)} pictures "
-        f"dropped, {output.get('reconnects', 0)} reconnects   audio: {summary['audio_filled_s']:.2f} s silence "
-        f"while none came, {summary['audio_padded_s']:.2f} s inserted, {summary['audio_dropped_s']:.2f} s dropped",
+        f"dropped, {output.get('reconnects', 0)} reconnects   audio: {summary['audio_filled_s']:.2f} s of silence "
+        f"while none came, retimed by {summary.get('audio_retimed_ms') or 'nothing'} ms",
         f"  events: {events}",
     ])
