@@ -231,7 +231,8 @@ def format_summary(summary: dict) -> str:
         f"  added latency ms  p50 {latency.get('p50', 0):.0f}  p95 {latency.get('p95', 0):.0f}"
         f"   dropped {summary.get('dropped_frames', 0)}   clock slips {summary.get('clock_slips', 0)}",
         f"  output: {output.get('frames_written', 0)} frames written, {output.get('pictures_dropped', 0)} pictures "
-        f"dropped, {output.get('reconnects', 0)} reconnects   audio: {summary['audio_filled_s']:.2f} s of silence "
-        f"while none came, retimed by {summary.get('audio_retimed_ms') or 'nothing'} ms",
+        f"dropped, {output.get('pictures_repeated', 0)} repeated, {output.get('reconnects', 0)} reconnects   "
+        f"audio: {summary['audio_filled_s']:.2f} s of silence while none came, retimed "
+        + (f"by {summary['audio_retimed_ms']} ms" if summary.get("audio_retimed_ms") else "never"),
         f"  events: {events}",
     ])
