@@ -28,6 +28,16 @@ def _arguments() -> argparse.ArgumentParser:
         prog="run_stream.py", description="Real-time, streaming lip-sync (LatentSync architecture).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def mqtt_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--mqtt", metavar="URL",
+                             help="also take commands and audio over MQTT: mqtt://HOST[:PORT] or "
+                                  "mqtts://HOST[:PORT] (TLS); see the README's 'MQTT'")
+        command.add_argument("--mqtt-user", help="MQTT user name")
+        command.add_argument("--mqtt-password", help="MQTT password (default: $LIPSTREAM_MQTT_PASSWORD)")
+        command.add_argument("--mqtt-ca", metavar="FILE",
+                             help="mqtts: CA certificates (PEM) that sign the broker's (default: the system's)")
+        command.add_argument("--mqtt-prefix", default="lipstream", help="MQTT topic prefix (default: lipstream)")
+
     def job_options(command: argparse.ArgumentParser, video_required: bool = True) -> None:
         command.add_argument("--video", required=video_required,
                              help="input video: a file or any FFmpeg URL; its face gets the new mouth")
@@ -125,6 +135,7 @@ def _arguments() -> argparse.ArgumentParser:
     rtmp.add_argument("--serve", type=int, metavar="PORT",
                       help="also serve the page and API: WebRTC viewers watch the session (mode viewer)")
     rtmp.add_argument("--serve-host", default="127.0.0.1", help="--serve address (default 127.0.0.1)")
+    mqtt_options(rtmp)  # with --serve: the session's commands and --audio api over MQTT too
     rtmp.add_argument("--ice-host", action="append", default=[], metavar="IP", help="as for `serve`")
     rtmp.add_argument("--json", help="write the summary to this JSON file")
     rtmp.add_argument("--config", default="tiny", help="a config name or YAML path (default: tiny)")
@@ -183,14 +194,7 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--turn-password", help="TURN password")
     serve.add_argument("--udp-ports", metavar="A-B",
                        help="bind the media sockets inside this UDP port range (default: any port)")
-    serve.add_argument("--mqtt", metavar="URL",
-                       help="also take commands and audio over MQTT: mqtt://HOST[:PORT] or mqtts://HOST[:PORT] "
-                            "(TLS); see the README's 'MQTT'")
-    serve.add_argument("--mqtt-user", help="MQTT user name")
-    serve.add_argument("--mqtt-password", help="MQTT password (default: $LIPSTREAM_MQTT_PASSWORD)")
-    serve.add_argument("--mqtt-ca", metavar="FILE",
-                       help="mqtts: CA certificates (PEM) that sign the broker's (default: the system's)")
-    serve.add_argument("--mqtt-prefix", default="lipstream", help="MQTT topic prefix (default: lipstream)")
+    mqtt_options(serve)
     serve.add_argument("--log-json", action="store_true", help="log one JSON object a line (to stderr)")
     return parser
 
@@ -209,12 +213,24 @@ def _torch_threads(args: argparse.Namespace, lipsync, live: bool) -> None:
         torch.set_num_threads(1)
 
 
+def _mqtt_settings(args: argparse.Namespace):
+    """The MQTT bridge's settings from --mqtt and its options, or None; raises ValueError."""
+    from transport.mqtt import MqttSettings
+
+    password = args.mqtt_password or os.environ.get("LIPSTREAM_MQTT_PASSWORD")
+    if args.mqtt:
+        return MqttSettings.from_url(args.mqtt, username=args.mqtt_user, password=password,
+                                     ca=args.mqtt_ca, prefix=args.mqtt_prefix)
+    if args.mqtt_user or args.mqtt_password or args.mqtt_ca:
+        raise UserError("--mqtt-user, --mqtt-password and --mqtt-ca need --mqtt URL")
+    return None
+
+
 def _serve(args: argparse.Namespace) -> None:
     from models.weights import WeightsUnavailable
     from stream.avatar_prep import default_cache_dir
     from stream.config import ConfigError, load_config, with_vae
     from stream.pipeline import LipSync
-    from transport.mqtt import MqttSettings
     from transport.server import BadInput, ServeSettings, serve
     from transport.webrtc import IceSettings, parse_port_range
 
@@ -225,14 +241,7 @@ def _serve(args: argparse.Namespace) -> None:
         if args.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
         avatar_cache = Path(args.avatar_cache).expanduser() if args.avatar_cache else default_cache_dir()
-        password = args.mqtt_password or os.environ.get("LIPSTREAM_MQTT_PASSWORD")
-        if args.mqtt:
-            mqtt = MqttSettings.from_url(args.mqtt, username=args.mqtt_user, password=password,
-                                         ca=args.mqtt_ca, prefix=args.mqtt_prefix)
-        elif args.mqtt_user or args.mqtt_password or args.mqtt_ca:
-            raise UserError("--mqtt-user, --mqtt-password and --mqtt-ca need --mqtt URL")
-        else:
-            mqtt = None
+        mqtt = _mqtt_settings(args)
         if args.max_viewers < 1 or args.idle_seconds <= 0:
             raise UserError("--max-viewers must be at least 1 and --idle-seconds positive")
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
@@ -267,6 +276,8 @@ def _rtmp(args: argparse.Namespace) -> dict:
         audio = args.audio if args.audio in (None, "api") else check_input(args.audio)
         if audio == "api" and args.serve is None:
             raise UserError("--audio api takes its PCM over the WebSocket of --serve: add --serve PORT")
+        if args.mqtt and args.serve is None:
+            raise UserError("--mqtt runs with the server of --serve: add --serve PORT")
     except (InputError, OutputError) as exc:
         raise UserError(str(exc)) from None
 
@@ -288,7 +299,8 @@ def _rtmp(args: argparse.Namespace) -> dict:
             from transport.server import ServeSettings
             from transport.webrtc import IceSettings
 
-            serve = ServeSettings(args.serve_host, args.serve, max_sessions=1, ice=IceSettings(hosts=tuple(args.ice_host)))
+            serve = ServeSettings(args.serve_host, args.serve, max_sessions=1, ice=IceSettings(hosts=tuple(args.ice_host)),
+                                  mqtt=_mqtt_settings(args))
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device, args.precision,
                                       checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)
