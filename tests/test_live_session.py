@@ -128,14 +128,16 @@ def test_pushes_before_the_audio_stage_drains_pad_the_late_start_once(lipsync, s
     assert features.received_seconds == 0  # nothing drained yet: the worker thread has not run
     session._audio_stage._drain()
     # Leading silence, pushed once, up to where the blocks began: they all arrived at >= 0.2 s, so
-    # they were heard in the 120 ms before that; less what the resampler still holds.
+    # the median of where the first five say they began is 0.2 - 3 x 20 ms; then the blocks, less
+    # what the resampler still holds.
+    start = 0.2 - (PLACEMENT_BLOCKS // 2 + 1) * 0.02
     heard = blocks * BLOCK / 48000
-    assert 0.2 - 0.01 <= features.received_seconds <= 0.2 + 0.02, features.received_seconds
-    audio, start = session._input_audio.playback.read(0.0, 0.2 - heard - 0.01)
+    assert start + heard - 0.01 <= features.received_seconds <= start + heard + 0.02, features.received_seconds
+    audio, _ = session._input_audio.playback.read(0.0, start - 0.01)
     assert not audio.any()  # the late start is silence on the playback clock too
 
 
-def test_audio_is_placed_by_its_earliest_block_not_a_late_first_one(lipsync, speech_48k):
+def test_one_late_first_block_does_not_move_the_audio(lipsync, speech_48k):
     """A first block that arrives 30 ms late does not shift the whole stream's audio 30 ms."""
     session = LiveSession(lipsync, options=SessionOptions(vad=False))
     session._clock()
@@ -150,28 +152,24 @@ def test_audio_is_placed_by_its_earliest_block_not_a_late_first_one(lipsync, spe
     assert abs(shift) <= 48 * 21, f"the audio starts {shift / 48:.1f} ms late"  # within a block's jitter
 
 
-class SlowModel:
-    """The tiny model, but every denoise takes ``delay`` seconds more; tells when one is under way."""
+class StalledModel(BypassModel):
+    """A model whose every denoise call waits ``delay`` seconds (a busy GPU, say) and uses no CPU:
+    what is measured is the event loop, not two sessions sharing two cores."""
 
-    def __init__(self, model, delay: float):
-        self.model, self.resolution, self.delay = model, model.resolution, delay
+    def __init__(self, resolution: int, delay: float):
+        super().__init__(resolution)
+        self.delay = delay
         self.denoising = threading.Event()
 
-    def encode_condition(self, faces):
-        return self.model.encode_condition(faces)
-
-    def denoise(self, *args):
+    def denoise(self, condition, audio, known=None):
         self.denoising.set()
         time.sleep(self.delay)
-        return self.model.denoise(*args)
-
-    def decode(self, latents, faces):
-        return self.model.decode(latents, faces)
+        return condition
 
 
 def test_closing_one_session_does_not_stall_another(lipsync, speech_48k, portrait):
     """Close a session whose model call has 1 s left: the other session's frames keep their spacing."""
-    slow_model = SlowModel(lipsync.generator, delay=1.0)
+    slow_model = StalledModel(lipsync.generator.resolution, delay=1.0)
     slow = LipSync(lipsync.config, slow_model, lipsync.audio_encoder, lipsync.device)
     steady = LipSync(lipsync.config, BypassModel(lipsync.generator.resolution), lipsync.audio_encoder,
                      lipsync.device)
@@ -251,8 +249,8 @@ def test_the_shared_sampler_is_read_only(lipsync):
 
 
 def test_audio_placed_off_by_a_start_up_burst_is_retimed_within_a_second(speech_48k):
-    """Ten blocks delivered at once at start-up (queued during a handshake) put the audio 100 ms
-    late; the next second of blocks arriving on time moves it back, by skipping 100 ms of audio."""
+    """Ten blocks delivered at once at start-up (queued during a handshake) put the audio 140 ms
+    late; the blocks arriving on time after them move it back, by skipping that much audio."""
     received = []
     audio = InputAudio(received.append)
     for n in range(10):  # all ten arrive by 0.2 s: each says it began at 0.18 s
@@ -260,9 +258,11 @@ def test_audio_placed_off_by_a_start_up_burst_is_retimed_within_a_second(speech_
     for n in range(10, 10 + RETIME_BLOCKS + 5):  # then on time, with a little jitter
         jitter = 0.004 * ((n * 7) % 3)
         audio.push(speech_48k[:, n * BLOCK : (n + 1) * BLOCK], 48000, n * 0.02 + jitter)
-    assert len(audio.retimed_seconds) == 1 and abs(audio.retimed_seconds[0] + 0.1) < 0.01, audio.retimed_seconds
+    # Two checks: after the first 10 blocks (the burst itself, partly corrected), then 50 more.
+    assert abs(sum(audio.retimed_seconds) + 0.14) < 0.01, audio.retimed_seconds
     # From then on a block goes where it began: block n at n x 20 ms, within the jitter.
-    assert abs(audio._placed - (10 + RETIME_BLOCKS + 5) * 0.02) < 0.01
+    # (less what is still to be skipped: the next block's first samples)
+    assert abs(audio._placed - audio._skip - (10 + RETIME_BLOCKS + 5) * 0.02) < 0.01
     played, _ = audio.playback.read(0.5, 0.5)
     source = speech_48k[0, 24000:48000]
     lag = int(np.argmax(np.correlate(played[0], source[:12000], "valid")))
