@@ -24,7 +24,6 @@ PLACEMENT_BLOCKS = 5
 # and corrected when their median lateness is over RETIME_THRESHOLD seconds either way: more than
 # the jitter of one block, less than what a viewer notices (lips 45 ms late, ITU-R BT.1359).
 RETIME_BLOCKS = 50
-FIRST_RETIME_BLOCKS = 10  # the first check comes sooner: a start-up burst is the likeliest error
 RETIME_THRESHOLD = 0.015
 
 
@@ -83,12 +82,11 @@ class InputAudio:
 
     Samples follow each other contiguously on the clock; where they sit sets A/V sync. Arriving
     audio is placed by arrival, like pictures: the first ``placement_blocks`` blocks are held and
-    the start is the median of where each of them implies the stream began (one late block does
-    not move it). A burst at start-up (packets queued during a handshake, a stalled loop) still
-    makes that start too early, and a sender's clock can drift from ours, so with ``retime`` the
-    place is re-estimated from the blocks' arrivals (their median lateness: after
-    FIRST_RETIME_BLOCKS, then every RETIME_BLOCKS) and corrected when it is off by more than
-    RETIME_THRESHOLD: silence inserted, or that much of the coming audio skipped.
+    the start is the earliest any of them implies (a block is only ever late, never early). A burst
+    at start-up (packets queued during a handshake, a stalled loop) still makes that start too
+    early, and a sender's clock can drift from ours, so with ``retime`` the place is re-estimated
+    from every RETIME_BLOCKS blocks' arrivals (their median lateness) and corrected when it is off
+    by more than RETIME_THRESHOLD: silence inserted, or that much of the coming audio skipped.
     A program's audio, placed exactly by its pacer, uses neither.
     """
 
@@ -106,7 +104,6 @@ class InputAudio:
         self._lateness: list[float] = []  # of recent blocks: where they began minus where they went
         self._skip = 0.0  # seconds of coming audio to leave out
         self.retimed_seconds: list[float] = []  # the corrections made, + later, - earlier
-        self.retimed_checks = 0
 
     def push(self, samples: np.ndarray, rate: int, at_media_time: float) -> None:
         """``samples`` (channels, n) at ``rate``, the first of them ``at_media_time`` seconds into the stream."""
@@ -115,11 +112,10 @@ class InputAudio:
             if len(self._held) < self._placement_blocks:
                 return
             self.started = True
-            implied, before = [], 0.0
+            start, before = at_media_time, 0.0
             for block, block_rate, at in self._held:  # where each block says the stream began
-                implied.append(at - before)
+                start = min(start, at - before)
                 before += np.atleast_2d(block).shape[1] / block_rate
-            start = float(np.median(implied))
             if start > LATE_AUDIO_START:  # a microphone that starts late: silence before it
                 self._to_features_stage(np.zeros(round(start * FEATURE_RATE), np.float32))
                 self.playback = PlaybackBuffer(PLAYBACK_RATE, start_s=start)
@@ -143,8 +139,7 @@ class InputAudio:
         self._to_features_stage(self._to_features(samples, rate)[0])
         self.playback.append(self._to_playback(samples, rate))
         self._placed += samples.shape[1] / rate
-        if len(self._lateness) >= (RETIME_BLOCKS if self.retimed_checks else FIRST_RETIME_BLOCKS):
-            self.retimed_checks += 1
+        if len(self._lateness) >= RETIME_BLOCKS:
             self._correct(float(np.median(self._lateness)))
             self._lateness = []
 
