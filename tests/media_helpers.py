@@ -238,3 +238,17 @@ class Viewer:
         for task in self._tasks:
             task.cancel()
         await self.pc.close()
+
+
+async def run_session(session, feed) -> tuple[dict, list]:
+    """Start ``session``, feed it with the coroutine ``feed`` (which ends it), and take every output
+    frame until the end; returns (its final stats, the outputs). The session is closed after."""
+    await session.start()
+    feeder = asyncio.create_task(feed)
+    outputs = []
+    while (out := await session.output()) is not None:
+        outputs.append(out)
+    await feeder
+    stats = session.stats()
+    await session.close()
+    return stats, outputs

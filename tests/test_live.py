@@ -19,6 +19,7 @@ from stream.face_alignment import FaceAligner
 from stream.face_landmarks import FaceLandmarker
 from stream.frames import FaceFrame
 from stream.generation import Generation, faces_to_tensor, tensor_to_faces
+from media_helpers import run_session
 from stream.live import LiveSession
 from stream.session_options import SessionOptions
 from stream.mouth_mask import mouth_mask
@@ -137,22 +138,13 @@ def test_smaller_stride_lowers_the_seam_ratio(lipsync, face_frames):
     assert ratios[4] < ratios[16], ratios
 
 
-def play(lipsync, seconds: float, audio_48k: np.ndarray, **options) -> tuple[dict, list, np.ndarray]:
-    async def run():
-        record = options.pop("record", False)
-        session = LiveSession(lipsync, options=SessionOptions(**options), record=record)
-        await session.start()
-        frames = itertools.takewhile(lambda f: f.index < int(seconds * 25), read_video(SPEAKER, 25))
-        feeder = asyncio.create_task(play_live(session, frames, audio_48k[:, : int(seconds * 48000)], 48000, 25))
-        outputs = []
-        while (out := await session.output()) is not None:
-            outputs.append(out)
-        await feeder
-        stats = session.stats()
-        await session.close()
-        return stats, outputs, session
-
-    return run_async(run())
+def play(lipsync, seconds: float, audio_48k: np.ndarray, **options) -> tuple[dict, list, LiveSession]:
+    record = options.pop("record", False)
+    session = LiveSession(lipsync, options=SessionOptions(**options), record=record)
+    frames = itertools.takewhile(lambda f: f.index < int(seconds * 25), read_video(SPEAKER, 25))
+    feed = play_live(session, frames, audio_48k[:, : int(seconds * 48000)], 48000, 25)
+    stats, outputs = run_async(run_session(session, feed))
+    return stats, outputs, session
 
 
 def test_av_stay_in_sync_over_the_whole_clip(lipsync, speech):

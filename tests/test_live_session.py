@@ -18,6 +18,7 @@ from conftest import MEDIA
 from models.lipsync import BypassModel
 from stream.config import load_config
 from stream.input_audio import PLACEMENT_BLOCKS, RETIME_BLOCKS, InputAudio
+from media_helpers import run_session
 from stream.live import LiveSession
 from stream.session_options import SessionOptions
 from stream.pipeline import LipSync
@@ -59,20 +60,9 @@ def test_every_emitted_frame_is_in_the_latency_record(lipsync, speech_48k):
     audio = speech_48k[:, : 4 * 48000].copy()
     audio[:, int(2.0 * 48000) :] = 0
 
-    async def run():
-        session = LiveSession(lipsync, options=SessionOptions(stride=4))
-        await session.start()
-        frames = itertools.takewhile(lambda f: f.index < 4 * FPS, read_video(MEDIA / "speaker_wide.mp4", FPS))
-        feeder = asyncio.create_task(play_live(session, frames, audio, 48000, FPS))
-        outputs = []
-        while (out := await session.output()) is not None:
-            outputs.append(out)
-        await feeder
-        stats = session.stats()
-        await session.close()
-        return session, stats, outputs
-
-    session, stats, outputs = run_async(run())
+    session = LiveSession(lipsync, options=SessionOptions(stride=4))
+    frames = itertools.takewhile(lambda f: f.index < 4 * FPS, read_video(MEDIA / "speaker_wide.mp4", FPS))
+    stats, outputs = run_async(run_session(session, play_live(session, frames, audio, 48000, FPS)))
     generated = [out for out in outputs if out.frame.trace.generated]
     passed = [out for out in outputs if not out.frame.trace.generated]
     assert generated and passed, (len(generated), len(passed))
@@ -95,21 +85,14 @@ def test_latency_counts_from_when_the_picture_arrived(lipsync, speech_48k):
     """A camera picture that arrived 0.5 s ago is 0.5 s old when it leaves, whatever tick carried it."""
     image = next(iter(read_video(MEDIA / "speaker_wide.mp4", FPS))).image
 
-    async def run():
-        session = LiveSession(lipsync, options=SessionOptions(vad=False))
-        await session.start()
-        arrived = time.monotonic() - 0.5
-        session.push_video(image, captured_at=arrived)
-        feeder = asyncio.create_task(feed_audio(session, speech_48k, 1.0))
-        outputs = []
-        while (out := await session.output()) is not None:
-            outputs.append(out)
-        await feeder
-        stats = session.stats()
-        await session.close()
-        return arrived, stats, outputs
+    session = LiveSession(lipsync, options=SessionOptions(vad=False))
+    arrived = time.monotonic() - 0.5
 
-    arrived, stats, outputs = run_async(run())
+    async def camera_then_microphone():
+        session.push_video(image, captured_at=arrived)
+        await feed_audio(session, speech_48k, 1.0)
+
+    stats, outputs = run_async(run_session(session, camera_then_microphone()))
     assert len(outputs) >= 20
     # The very value pushed, carried through every stage (no arithmetic: exact).
     assert all(out.frame.trace.captured_at == arrived for out in outputs)
