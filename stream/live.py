@@ -320,8 +320,10 @@ class LiveSession:
                 log.exception("event listener failed")
         return body
 
-    def on_closed(self, callback: Callable[[], None]) -> None:
+    def on_closed(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` once the session has closed; returns the way to stop."""
         self._closed_callbacks.append(callback)
+        return lambda: self._closed_callbacks.remove(callback) if callback in self._closed_callbacks else None
 
     # -- pipeline --------------------------------------------------------------------------
 

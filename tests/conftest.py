@@ -40,3 +40,16 @@ def whisper_io(fixtures) -> dict:
 @pytest.fixture(scope="session")
 def whisper_summary(fixtures) -> dict:
     return json.loads((fixtures / "whisper_feature_summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def speech_24k() -> bytes:
+    """speech_24k.wav as a TTS engine would send it: 24 kHz mono s16le."""
+    import av
+    import numpy as np
+
+    with av.open(str(MEDIA / "speech_24k.wav")) as container:
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    if samples.dtype != np.int16:
+        samples = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+    return samples.astype("<i2").tobytes()

@@ -24,7 +24,6 @@ import pytest
 from media_helpers import ServerThread, Viewer, free_port
 from stream.avatars import AvatarStore
 from stream.sessions import SessionManager
-from test_program_session import speech_24k  # noqa: F401  (a fixture)
 from transport.mqtt import MqttBridge, MqttSettings
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")

@@ -15,7 +15,6 @@ from stream.program_audio import AudioRejected, BufferFull, ProgramAudio
 from stream.session_options import AudioFormat, OptionError, SessionOptions
 from stream.sessions import SessionError, SessionLimit, SessionManager
 from stream.runner import run_async
-from transport.files import read_audio
 from media_helpers import tiny_lipsync
 
 FPS = 25
@@ -25,18 +24,6 @@ FPS = 25
 def portrait() -> np.ndarray:
     bgr = cv2.imread(str(MEDIA / "portrait.png"))
     return cv2.cvtColor(cv2.resize(bgr, (320, 320), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-
-
-@pytest.fixture(scope="module")
-def speech_24k() -> bytes:
-    """speech_24k.wav as a TTS engine would send it: 24 kHz mono s16le."""
-    import av
-
-    with av.open(str(MEDIA / "speech_24k.wav")) as container:
-        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
-    if samples.dtype != np.int16:
-        samples = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-    return samples.astype("<i2").tobytes()
 
 
 def mouth_change(image: np.ndarray, original: np.ndarray) -> float:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from media_helpers import ServerThread, Viewer
-from test_program_session import speech_24k  # noqa: F401  (a fixture)
 
 RATE = 24_000
 TIMEOUT = 60

@@ -44,7 +44,7 @@ from stream import commands
 from stream.avatars import AvatarStore
 from stream.live import LiveSession
 from stream.program_audio import BufferFull
-from stream.sessions import SessionError, SessionLimit, SessionManager
+from stream.sessions import SessionLimit, SessionManager
 
 log = logging.getLogger(__name__)
 

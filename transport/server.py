@@ -219,7 +219,7 @@ class LipstreamServer:
 
         stop_listening = session.listen(queue_event)
         sender = asyncio.ensure_future(_send_events(socket, events))
-        session.on_closed(lambda: events.put_nowait(None) if not events.full() else None)
+        stop_waiting = session.on_closed(lambda: events.put_nowait(None) if not events.full() else None)
         try:
             async for message in socket:
                 if message.type == WSMsgType.BINARY:
@@ -236,6 +236,7 @@ class LipstreamServer:
                         session.report_error(str(exc))
         finally:
             stop_listening()
+            stop_waiting()
             sender.cancel()
         return socket
 
