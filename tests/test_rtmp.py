@@ -162,7 +162,8 @@ def test_an_input_or_output_that_never_answers_fails_within_its_timeout(lipsync,
                                  f"rtmp://127.0.0.1:{silent.getsockname()[1]}/live/out",
                                  output=OutputSettings(preset="ultrafast", write_timeout=1.0))
         started = time.monotonic()
-        with pytest.raises(RelayFailed, match=r"cannot publish to rtmp://.*: no answer in time"):
+        # FFmpeg's own timeout or our watchdog on a handshake that makes no progress: whichever fires first
+        with pytest.raises(RelayFailed, match=r"cannot publish to rtmp://.*: (no answer in time|no progress for 1 s)"):
             run_async(Relay(lipsync, settings).run())
         assert time.monotonic() - started < 8.0
     with pytest.raises(RelayFailed, match="speech_16k.wav: it has no video stream"):
