@@ -40,18 +40,23 @@ class LipSyncModel(nn.Module):
         self.register_buffer("mask", mask.reshape(1, 1, *mask.shape[-2:]).float(), persistent=False)
         self.resolution = int(mask.shape[-1])
         self.seed = seed
+        self._noise_by_shape: dict[tuple, torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def _noise(self, latent_shape: tuple[int, int, int, int]) -> torch.Tensor:
-        # One noise frame shared by every frame of every window (upstream): with eta=0 DDIM this
-        # keeps windows consistent with each other.
-        generator = torch.Generator().manual_seed(self.seed)
-        channels, _, height, width = latent_shape
-        noise = torch.randn((1, channels, 1, height, width), generator=generator)
-        return noise.to(self.mask.device, self.dtype)
+    def _noise(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """One noise frame (1, C, 1, h, w) shared by every frame of every window (upstream): with
+        eta=0 DDIM this keeps windows consistent with each other. Made once per shape and device."""
+        key = (channels, height, width, self.mask.device, self.dtype)
+        noise = self._noise_by_shape.get(key)
+        if noise is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn((1, channels, 1, height, width), generator=generator)
+            # Threads may race to make it; they make the same tensor, and the dict keeps one.
+            noise = self._noise_by_shape.setdefault(key, noise.to(self.mask.device, self.dtype))
+        return noise
 
     @torch.no_grad()
     def encode_condition(self, faces: torch.Tensor) -> torch.Tensor:
@@ -75,22 +80,42 @@ class LipSyncModel(nn.Module):
         timestep with the same noise: the window is inpainted in time, so its new frames continue
         what was already shown instead of starting over (which is what makes seams).
         """
-        video = lambda x: x.permute(1, 0, 2, 3).unsqueeze(0)  # noqa: E731  (F, C, h, w) -> (1, C, F, h, w)
-        frames, _, height, width = condition.shape
-        noise = self._noise((4, frames, height, width)).expand(-1, -1, frames, -1, -1)
+        carried = 0 if known is None else len(known)
+        padded = None
+        if carried:
+            padded = torch.zeros((len(condition), *known.shape[1:]), dtype=known.dtype, device=known.device)
+            padded[:carried] = known
+        return self.denoise_windows(condition[None], audio[None], None if padded is None else padded[None],
+                                    [carried])[0]
+
+    @torch.no_grad()
+    def denoise_windows(self, conditions: torch.Tensor, audio: torch.Tensor, known: torch.Tensor | None,
+                        carried: list[int]) -> torch.Tensor:
+        """``denoise`` for B windows of F frames at once: (B, F, 9, h, w) conditions, (B, F, 50, C)
+        audio, (B, F, 4, h, w) known latents of which window b's first ``carried[b]`` frames count
+        (the rest is ignored; ``known`` may be None when nothing is carried) -> (B, F, 4, h, w).
+
+        Windows of one batch share the timesteps and the noise; what differs per window is its
+        carried prefix, applied through a per-window frame mask.
+        """
+        video = lambda x: x.permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, h, w) <-> (B, C, F, h, w)
+        batch, frames, _, height, width = conditions.shape
+        noise = self._noise(4, height, width).expand(batch, -1, frames, -1, -1)
         replace = None
-        if known is not None and len(known):
+        if any(carried):
+            positions = torch.arange(frames, device=noise.device)
+            mask = positions[None, :] < torch.tensor(carried, device=noise.device)[:, None]  # (B, F)
+            mask = mask[:, None, :, None, None]
             known_video = video(known.to(noise))
 
             def replace(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                renoised = self.sampler.add_noise(known_video, noise[:, :, : known.shape[0]], t)
-                return torch.cat([renoised, latents[:, :, known.shape[0]:]], dim=2)
+                return torch.where(mask, self.sampler.add_noise(known_video, noise, t), latents)
 
-        audio = audio.to(self.mask.device, self.dtype).unsqueeze(0)
-        result = self.sampler.sample(self.unet, noise, video(condition.to(noise)), audio, replace)
-        if known is not None and len(known):
-            result[:, :, : known.shape[0]] = video(known.to(noise))
-        return result[0].permute(1, 0, 2, 3)
+        audio = audio.to(self.mask.device, self.dtype)
+        result = self.sampler.sample(self.unet, noise, video(conditions.to(noise)), audio, replace)
+        if replace is not None:
+            result = torch.where(mask, known_video, result)
+        return video(result)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

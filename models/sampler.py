@@ -39,11 +39,20 @@ class DDIMSampler:
         self.scheduler.set_timesteps(self.steps)
         self.timesteps = self.scheduler.timesteps.clone()
         self._alphas_cumprod = self.scheduler.alphas_cumprod.clone()
+        self._silence_by_shape: dict[tuple, torch.Tensor] = {}
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``clean`` latents noised to timestep ``t`` (the forward process), with the given noise."""
         alpha = float(self._alphas_cumprod[int(t)])
         return alpha ** 0.5 * clean + (1 - alpha) ** 0.5 * noise
+
+    def _silence(self, audio: torch.Tensor) -> torch.Tensor:
+        """Zero audio like ``audio``: guidance's unconditional branch, made once per shape."""
+        key = (tuple(audio.shape), audio.device, audio.dtype)
+        silence = self._silence_by_shape.get(key)
+        if silence is None:
+            silence = self._silence_by_shape.setdefault(key, torch.zeros_like(audio))
+        return silence
 
     def predict_noise(self, denoiser: Denoiser, latents: torch.Tensor, condition: torch.Tensor,
                       audio: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +60,7 @@ class DDIMSampler:
         sample = torch.cat([latents, condition], dim=1)
         if self.guidance_scale <= 1.0:
             return denoiser(sample, t, audio)
-        both = denoiser(torch.cat([sample, sample]), t, torch.cat([torch.zeros_like(audio), audio]))
+        both = denoiser(torch.cat([sample, sample]), t, torch.cat([self._silence(audio), audio]))
         unconditional, conditional = both.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
 

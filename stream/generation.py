@@ -22,6 +22,9 @@ import torch
 
 from models.lipsync import FaceGenerator
 from stream.frames import Control, FaceFrame, GeneratedFrame, Window
+from stream.model_worker import WorkerClient, WorkerClosed
+
+LATENCY_BUDGET = 0.4  # s from capture: the default deadline's slack when many sessions share a worker
 
 
 def faces_to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
@@ -44,9 +47,13 @@ class _Latents:
 class Generation:
     name = "model"
 
-    def __init__(self, model: FaceGenerator, late_after: float | None = None, record: bool = False):
+    def __init__(self, model: FaceGenerator, late_after: float | None = None, record: bool = False,
+                 budget: float = LATENCY_BUDGET):
+        """``budget``: seconds from capture by which this session wants its frames; with a shared
+        model worker (stream/model_worker.py) it orders this session's windows among everyone's."""
         self.model = model
         self.late_after = late_after
+        self.budget = budget
         # For the seam benchmark: every generated crop, and the first new frame of each window.
         self.recorded: dict[int, np.ndarray] | None = {} if record else None
         self.boundaries: set[int] = set()
@@ -69,11 +76,23 @@ class Generation:
             if self._is_late(window):
                 self.frames_late += sum(1 for f in active if f.frame.index in new)
             else:
-                mouths = self._generate(active, new)
+                try:
+                    mouths = self._generate(active, new)
+                except WorkerClosed:  # the session is closing: what is left passes through
+                    mouths = {}
         self._forget_before(window.frames[0].frame.index)
         return [GeneratedFrame(f, self._blend(f, mouths.get(f.frame.index))) for f in window.new_frames]
 
+    def _deadline(self, active: list[FaceFrame], new: set[int]) -> float:
+        """When the oldest new frame is due: its capture (its tick for a file) plus the budget."""
+        times = [f.frame.trace.captured_at if f.frame.trace.captured_at is not None else f.frame.trace.due_at
+                 for f in active if f.frame.index in new]
+        known = [t for t in times if t is not None]
+        return (min(known) if known else time.monotonic()) + self.budget
+
     def _generate(self, active: list[FaceFrame], new: set[int]) -> dict[int, np.ndarray]:
+        if isinstance(self.model, WorkerClient):
+            self.model.deadline = self._deadline(active, new)
         uncached = [f for f in active if f.frame.index not in self._ring]
         to_encode = [f for f in uncached if f.condition is None]  # a prepared avatar brings its own
         encoded = iter(self.model.encode_condition(faces_to_tensor([f.face.image for f in to_encode]))
@@ -106,6 +125,12 @@ class Generation:
             return mouth
         original = frame.face.image.astype(np.float32)
         return np.rint(original + frame.speech * (mouth.astype(np.float32) - original)).astype(np.uint8)
+
+    def release(self) -> None:
+        """Any thread, as the session closes: stop waiting on a shared model worker, so that this
+        stage's thread is free at once rather than after the batches queued before it."""
+        if isinstance(self.model, WorkerClient):
+            self.model.close()
 
     def control(self, command: Control) -> None:
         if command.kind in ("interrupt", "avatar"):  # no latents carried into what follows

@@ -527,6 +527,8 @@ class LiveSession:
             return {"event": "closed", "session": self.name, "media_time": round(self._shown_until, 3)}
         self._closed = True
         self._ending = True
+        if self.generation is not None:
+            self.generation.release()
         for task in (self._program_task, self._switching):
             if task is not None:
                 task.cancel()

@@ -15,13 +15,14 @@ from typing import Any, AsyncIterator, Iterable
 import torch
 
 from models.factory import build_models
-from models.lipsync import BypassModel, FaceGenerator
+from models.lipsync import BypassModel, FaceGenerator, LipSyncModel
 from models.precision import select_device, select_dtype
 from models.whisper_encoder import WhisperEncoder
 from stream.audio_conditioning import AttachAudio
 from stream.compositing import PasteBack
 from stream.face_tracking import FaceTracking
-from stream.generation import Generation
+from stream.generation import LATENCY_BUDGET, Generation
+from stream.model_worker import FILL_WAIT, MAX_BATCH, ModelWorker
 from stream.mouth_mask import mouth_mask
 from stream.runner import Pipeline, Stage
 from stream.windows import Windowing
@@ -59,6 +60,22 @@ class LipSync:
         self.generator = generator
         self.audio_encoder = audio_encoder
         self.device = device
+        self.worker: ModelWorker | None = None
+
+    def share_model(self, max_batch: int = MAX_BATCH, fill_wait: float = FILL_WAIT) -> ModelWorker:
+        """From now on, sessions built from this run their model calls on one worker that batches
+        them across sessions (stream/model_worker.py) instead of each on its own thread."""
+        if not isinstance(self.generator, LipSyncModel):
+            raise ValueError("only the lip-sync model can be shared by a worker (not the bypass)")
+        if self.worker is not None:
+            self.worker.close()
+        self.worker = ModelWorker(self.generator, max_batch, fill_wait)
+        return self.worker
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
 
     @classmethod
     def from_config(cls, config: dict, device: str = "auto", precision: str = "auto",
@@ -84,7 +101,8 @@ class LipSync:
             face if face is not None else FaceTracking(self.config["resolution"]),
             audio,
             Windowing(self.config["window"], stride),
-            Generation(self.generator, late_after, record),
+            Generation(self.worker.client() if self.worker is not None else self.generator, late_after, record,
+                       budget=late_after or LATENCY_BUDGET),
             PasteBack(),
             sink,
         ]
