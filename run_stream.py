@@ -96,6 +96,13 @@ def _arguments() -> argparse.ArgumentParser:
                        help="webrtc: WIDTHxHEIGHT of the default clip (default: 374x398)")
     bench.add_argument("--url", help="webrtc: probe this running server (http://HOST:PORT) instead")
 
+    bench.add_argument("--sessions", metavar="N[,N...]",
+                       help="many sessions on one model: N avatar sessions fed in real time, each N run unbatched "
+                            "and then with the model worker batching across sessions: generated fps, latency "
+                            "per session, model fraction, batch sizes (bench/sessions.py); --seconds (default 20), "
+                            "--stride, --steps, --max-batch")
+    bench.add_argument("--max-batch", type=int, default=8,
+                       help="sessions: most windows the model worker runs in one U-Net call (default: 8)")
     bench.add_argument("--rtmp", action="store_true",
                        help="the RTMP leg: a stamped clip published live into nginx (started here), relayed by "
                             "`rtmp` to another stream, read back: latency, A/V offset, frames (bench/rtmp.py); "
@@ -451,6 +458,28 @@ def _bench_live(args: argparse.Namespace) -> dict:
             "seconds": round(n_frames / fps, 2)}
 
 
+def _bench_sessions(args: argparse.Namespace) -> dict:
+    from bench.sessions import measure
+    from stream.config import ConfigError, load_config, with_vae
+    from stream.pipeline import LipSync
+
+    try:
+        counts = [int(n) for n in args.sessions.split(",")]
+        if not counts or min(counts) < 1 or args.max_batch < 1:
+            raise ValueError
+        config = with_vae(load_config(args.config), args.vae)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError:
+        raise UserError(f"--sessions takes counts like 1,2,4 and --max-batch a count; got {args.sessions!r}, "
+                        f"{args.max_batch}") from None
+    if args.steps:
+        config["sampler"]["steps"] = args.steps
+    lipsync = LipSync.from_config(config, args.device, args.precision, checkpoints=args.checkpoints)
+    _torch_threads(args, lipsync, live=True)
+    return measure(lipsync, counts, args.seconds or 20.0, args.max_batch, args.stride)
+
+
 def _bench_webrtc(args: argparse.Namespace) -> dict:
     """bench --webrtc: the glass-to-glass probe, bench/glass_to_glass.py (importable from a checkout)."""
     from bench.glass_to_glass import ProbeError, Settings, measure, parse_size
@@ -511,7 +540,7 @@ def _print_live_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _arguments()
     args = parser.parse_args(argv)
-    if args.command == "bench" and not (args.webrtc or args.rtmp) and not args.video:
+    if args.command == "bench" and not (args.webrtc or args.rtmp or args.sessions) and not args.video:
         parser.error("the following arguments are required: --video")
     try:
         if args.command == "file":
@@ -543,6 +572,13 @@ def main(argv: list[str] | None = None) -> int:
             from bench.glass_to_glass import print_table
 
             result = _bench_webrtc(args)
+            print_table(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+        elif args.command == "bench" and args.sessions:
+            from bench.sessions import print_table
+
+            result = _bench_sessions(args)
             print_table(result)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))
