@@ -73,6 +73,9 @@ class ModelWorker:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model = model
         self.resolution = model.resolution
+        mask = getattr(model, "mask", None)
+        self._device = mask.device if mask is not None else torch.device("cpu")
+        self._cuda = self._device.type == "cuda"
         self.max_batch = max_batch
         self.fill_wait = fill_wait
         self._pending: list[_Job] = []
@@ -164,6 +167,8 @@ class ModelWorker:
             started = time.perf_counter()
             try:
                 results = _RUNNERS[batch[0].kind](self.model, [job.inputs for job in batch])
+                if self._cuda:  # a batch is done when the card is, not when its kernels are queued
+                    torch.cuda.synchronize(self._device)
                 errors = [None] * len(batch)
             except Exception as exc:  # one bad batch fails its jobs, not the worker
                 log.exception("model worker: a %s batch of %d failed", batch[0].kind, len(batch))
