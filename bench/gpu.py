@@ -11,8 +11,7 @@ it is measured (a run cut short keeps what it had):
 
 1. ``paths``: one U-Net call at a batch of 4 windows with guidance (8 videos of 16 frames), each path
    against the state before it: fp32 -> bf16 (fp16 where bf16 is missing) -> plain attention
-   replaced by SDPA -> channels_last -> torch.compile (``--compile``; "reduce-overhead" adds CUDA
-   graphs). The VAE: SD's vs TAESD, encode and decode.
+   replaced by SDPA -> channels_last. The VAE: SD's vs TAESD, encode and decode.
 2. ``costs``: ms per U-Net call by batch, and ms per frame of VAE encode / decode, per resolution.
 3. ``predicted``: streams per card for every combination of steps 1/2/4, guidance on/off, stride
    4/8/16 and VAE, from the costs: the GPU seconds one stream needs per second at the best batch,
@@ -23,6 +22,8 @@ it is measured (a run cut short keeps what it had):
    is captured, N rising until p95 latency (capture to decoded, every frame) passes 400 ms or the
    card falls behind; max_batch 1 (unbatched) against 8. It leaves out face tracking, audio
    features and compositing, which run on the CPU's cores beside the card.
+5. ``compiled`` (``--compile``, last because compiling takes minutes): the eager U-Net against
+   torch.compile, then "reduce-overhead" (CUDA graphs), for one fixed batch shape.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Report:
         print(json.dumps({key: value}), flush=True)
 
 
-def measure_paths(config: dict, device: torch.device, half: torch.dtype, repeats: int, compile_modes) -> dict:
+def measure_paths(config: dict, device: torch.device, half: torch.dtype, repeats: int) -> dict:
     steps = []
     model = build(config, SD_VAE, device, torch.float32)
     set_attention(model.unet, sdpa=False)
@@ -147,16 +148,6 @@ def measure_paths(config: dict, device: torch.device, half: torch.dtype, repeats
     steps.append(("+ SDPA", timed(call, device, repeats)))
     model.unet.to(memory_format=torch.channels_last)
     steps.append(("+ channels_last weights", timed(call, device, repeats)))
-    unet = model.unet
-    for mode in compile_modes:
-        model.unet = torch.compile(unet, mode=mode, dynamic=False)
-        started = time.perf_counter()
-        call = unet_call(model, 8, device)
-        call()
-        synchronize(device)
-        compile_s = time.perf_counter() - started
-        steps.append((f"+ torch.compile {mode} (compiled in {compile_s:.0f} s)", timed(call, device, repeats)))
-    model.unet = unet
     result = {"batch_videos": 8, "unet_ms": [{"path": name, "ms": round(1000 * s, 2)} for name, s in steps]}
     vae = {}
     for name, vae_config in (("sd", SD_VAE), ("taesd", TAESD)):
@@ -169,6 +160,23 @@ def measure_paths(config: dict, device: torch.device, half: torch.dtype, repeats
                                                                 repeats) / 16, 3)}
     result["vae_16_frames"] = vae
     return result
+
+
+def measure_compiled(config: dict, device: torch.device, dtype: torch.dtype, unet, repeats: int) -> list[dict]:
+    """The eager U-Net (batch of 8 videos) against torch.compile, then with CUDA graphs
+    ("reduce-overhead"), each compiled for that one shape; the compile time is reported too."""
+    model = build(config, TAESD, device, dtype, unet=unet)
+    call = unet_call(model, 8, device)
+    rows = [{"path": "eager", "ms": round(1000 * timed(call, device, repeats), 2)}]
+    for mode in ("default", "reduce-overhead"):
+        model.unet = torch.compile(unet, mode=mode, dynamic=False)
+        call = unet_call(model, 8, device)
+        started = time.perf_counter()
+        call()
+        synchronize(device)
+        rows.append({"path": f"torch.compile {mode}", "compile_s": round(time.perf_counter() - started, 1),
+                     "ms": round(1000 * timed(call, device, repeats), 2)})
+    return rows
 
 
 def measure_costs(configs: dict, device: torch.device, dtype: torch.dtype, unet, batches: list[int],
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
     parser.add_argument("--seconds", type=float, default=4.0, help="each stream run's measured seconds")
     parser.add_argument("--quick", action="store_true", help="few repeats and small batches: a check that it runs")
+    parser.add_argument("--streams", default="4:1.5:4:sd:8,4:1.5:4:sd:1,4:1.5:8:sd:8,4:1:8:taesd:8",
+                        help="stream runs, each STEPS:GUIDANCE:STRIDE:VAE:MAX_BATCH (VAE sd or taesd)")
     parser.add_argument("--skip", default="", help="sections to leave out, e.g. paths,costs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -316,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
                      "configs": list(configs), "weights": "random (speed does not depend on them)"})
     if "paths" not in skip:
-        modes = ["default", "reduce-overhead"] if args.compile and device.type == "cuda" else []
-        report.add("paths", measure_paths(first, device, half, repeats, modes))
+        report.add("paths", measure_paths(first, device, half, repeats))
     with torch.device(device):
         unet = UNet3DConditionModel.from_config(first["unet"]).to(dtype).eval()
     set_attention(unet, sdpa=True)
@@ -327,16 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     if "streams" not in skip:
         counts = [1, 2] if args.quick else [1, 2, 4, 6, 8, 10, 12, 16, 20, 24]
         streams = []
-        for steps, guidance, stride, vae, max_batch in ((4, 1.5, 4, SD_VAE, 8), (4, 1.5, 4, SD_VAE, 1),
-                                                        (4, 1.5, 8, SD_VAE, 8), (4, 1.0, 8, TAESD, 8)):
+        for combo in args.streams.split(","):
+            steps, guidance, stride, vae_name, max_batch = combo.split(":")
+            steps, guidance, stride, max_batch = int(steps), float(guidance), int(stride), int(max_batch)
+            vae = {"sd": SD_VAE, "taesd": TAESD}[vae_name]
             model = build(first, vae, device, dtype, unet=unet, steps=steps, guidance=guidance)
             run = capacity(model, device, stride, max_batch, args.seconds, counts)
             streams.append({"config": first["name"], "steps": steps, "guidance": guidance,
                             "vae": vae["kind"], **run})
             report.add("streams", streams)
+    if args.compile:
+        report.add("compiled", measure_compiled(first, device, dtype, unet, repeats))
     print(f"wrote {report.path}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with torch.inference_mode():  # no autograd state: the model's own methods say so, a bare U-Net call does not
+        raise SystemExit(main())
