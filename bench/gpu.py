@@ -162,15 +162,16 @@ def measure_paths(config: dict, device: torch.device, half: torch.dtype, repeats
     return result
 
 
-def measure_compiled(config: dict, device: torch.device, dtype: torch.dtype, unet, repeats: int) -> list[dict]:
-    """The eager U-Net (batch of 8 videos) against torch.compile, then with CUDA graphs
+def measure_compiled(config: dict, device: torch.device, dtype: torch.dtype, unet, repeats: int,
+                     videos: int = 8) -> list[dict]:
+    """The eager U-Net (a batch of ``videos``) against torch.compile, then with CUDA graphs
     ("reduce-overhead"), each compiled for that one shape; the compile time is reported too."""
     model = build(config, TAESD, device, dtype, unet=unet)
-    call = unet_call(model, 8, device)
+    call = unet_call(model, videos, device)
     rows = [{"path": "eager", "ms": round(1000 * timed(call, device, repeats), 2)}]
     for mode in ("default", "reduce-overhead"):
         model.unet = torch.compile(unet, mode=mode, dynamic=False)
-        call = unet_call(model, 8, device)
+        call = unet_call(model, videos, device)
         started = time.perf_counter()
         call()
         synchronize(device)
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS), help="folder for DEVICE.json")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
+    parser.add_argument("--compile-videos", type=int, default=8, help="the batch (videos) compiled for")
     parser.add_argument("--seconds", type=float, default=4.0, help="each stream run's measured seconds")
     parser.add_argument("--quick", action="store_true", help="few repeats and small batches: a check that it runs")
     parser.add_argument("--streams", default="4:1.5:4:sd:8,4:1.5:4:sd:1,4:1.5:8:sd:8,4:1:8:taesd:8",
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                             "vae": vae["kind"], **run})
             report.add("streams", streams)
     if args.compile:
-        report.add("compiled", measure_compiled(first, device, dtype, unet, repeats))
+        report.add("compiled", {"videos": args.compile_videos,
+                                "unet_ms": measure_compiled(first, device, dtype, unet, repeats, args.compile_videos)})
     print(f"wrote {report.path}")
     return 0
 
