@@ -5,15 +5,16 @@ what the face stage and the model's ``encode_condition`` would compute on every 
 in the order a session plays the frames, and kept:
 
 - ``prepare_avatar`` runs the very ``FaceTracking`` stage a camera session runs, over one played cycle
-  from a fresh start, so crops, affines and the nose smoothing are exactly what live tracking gives on
-  its first cycle; then it encodes the faces' condition latents, a window's worth at a time.
+  from a fresh start, so crops, affines and the smoothing (points and nose bias) are exactly what live
+  tracking gives on its first cycle; then it encodes the faces' condition latents, a window's worth at a
+  time.
 - ``PreparedAvatar`` is the result. It indexes like the frames it plays, so a session's ticks take
   ``avatar[index % len(avatar)]`` whether it holds one or a plain list of frames.
 - ``AvatarFaces`` is the face stage of a session that shows one: a lookup by the same index, with no
   face detection and no VAE encode per frame. Frames of a clip without a face pass through (counted).
 - ``AvatarCache`` keeps prepared avatars by what they are made of: the sha256 of the frames, the
-  config's name and resolution, the weights and mask the condition latents come from, dtype, device,
-  the mediapipe version and ``FORMAT``. The last few stay in memory; given a directory, each is also
+  config's name, resolution and landmark mapping, the weights and mask the condition latents come from,
+  dtype, device, the mediapipe version and ``FORMAT``. The last few stay in memory; given a directory, each is also
   one safetensors file there (written to a temporary file, then renamed), so a restarted server skips
   the work. A file is used only if its key and a digest of its tensors match and every shape fits;
   anything else is logged and rebuilt.
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the face geometry, the condition latents or the file layout change: old files then
 # simply stop matching.
-FORMAT = 1
+FORMAT = 2
 ENCODE_BATCH = 16  # faces per encode_condition call: one window, as a live session encodes them
 
 
@@ -84,7 +85,7 @@ def prepare_avatar(frames: np.ndarray | list[np.ndarray], lipsync, key: str = ""
     """Track, align and encode an avatar's faces, in the order a session plays them (blocking)."""
     played = loop_frames(frames)
     fps = lipsync.config["fps"]
-    tracking = FaceTracking(lipsync.config["resolution"])
+    tracking = FaceTracking(lipsync.config)
     try:
         faces = [tracking.process(VideoFrame(i, i / fps, image))[0].face for i, image in enumerate(played)]
     finally:
@@ -150,6 +151,7 @@ def model_identity(generator) -> str:
 def avatar_key(frames: np.ndarray | list[np.ndarray], lipsync) -> str:
     """The cache key of ``frames`` prepared by ``lipsync``'s config and models."""
     made_by = {"format": FORMAT, "config": lipsync.config["name"], "resolution": lipsync.config["resolution"],
+               "landmarks": lipsync.config["face"]["landmarks"],
                "model": model_identity(lipsync.generator), "device": lipsync.device.type,
                "mediapipe": importlib.metadata.version("mediapipe")}
     digest = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode())

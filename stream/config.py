@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from stream.alignment_points import MAPPINGS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -28,10 +30,13 @@ def load_config(name_or_path: str | Path) -> dict:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from None
-    missing = [key for key in ("resolution", "window", "fps", "unet", "vae", "sampler", "whisper")
+    missing = [key for key in ("resolution", "window", "fps", "face", "unet", "vae", "sampler", "whisper")
                if key not in (config or {})]
     if missing:
         raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
+    landmarks = (config["face"] or {}).get("landmarks")
+    if landmarks not in MAPPINGS:
+        raise ConfigError(f"{path}: face.landmarks must be one of {', '.join(MAPPINGS)}, not {landmarks!r}")
     config.setdefault("name", path.stem)
     return config
 

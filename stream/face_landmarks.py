@@ -6,13 +6,8 @@ feeding it a whole 1080x1920 frame costs 11 ms (video) to 20 ms (stills) a frame
 around the face. So we find the face with the full-range detector on a downscaled frame, run FaceMesh on a
 square crop around it, and follow the face with that crop, recentred on the last landmarks every frame.
 
-The alignment points stand in for LatentSync's InsightFace 2d106 ones (``ImageProcessor.affine_transform``):
-  * brows: upstream averages 106-points [43, 48, 49, 51, 50] and [101..105], which are the two eyebrows'
-    upper contours (they are what the usual 106 -> iBUG-68 map sends to iBUG 17-21 and 22-26). FaceMesh's
-    upper brow contours are 70, 63, 105, 66, 107 (image-left brow, the subject's right) and
-    300, 293, 334, 296, 336 (image-right).
-  * nose: upstream averages [74, 77, 83, 86]: 74 and 86 map to iBUG 29 (lower bridge) and 30 (tip); 77 and
-    83 (not in that map) we take to be the symmetric pair on the alar wings. FaceMesh: 5 (lower bridge), 4 (tip), 129 / 358 (alar wings).
+Which landmarks make LatentSync's three alignment points is the config's choice (``face.landmarks``):
+see stream/alignment_points.py.
 """
 
 from __future__ import annotations
@@ -22,9 +17,7 @@ import numpy as np
 from mediapipe.python.solutions.face_detection import FaceDetection
 from mediapipe.python.solutions.face_mesh import FaceMesh
 
-BROW_IMAGE_LEFT = (70, 63, 105, 66, 107)
-BROW_IMAGE_RIGHT = (300, 293, 334, 296, 336)
-NOSE = (5, 4, 129, 358)
+from stream.alignment_points import MAPPINGS, AlignmentPoints
 
 # The crop FaceMesh sees is this many face sizes wide: its short-range detector wants a large face.
 CROP_SCALE = 2.0
@@ -37,7 +30,9 @@ class FaceLandmarker:
     """Finds one face per image (the largest when acquiring) and returns its 468 FaceMesh landmarks.
 
     With ``static_image=False`` (streams) the face is tracked from frame to frame: feed frames in order.
-    With ``static_image=True`` every call is independent.
+    With ``static_image=True`` every call is independent. ``mapping`` picks the landmarks behind
+    ``alignment_points``; the pipeline passes its config's, the default serves callers that only ask
+    whether there is a face.
     """
 
     def __init__(
@@ -45,8 +40,10 @@ class FaceLandmarker:
         static_image: bool = False,
         min_detection_confidence: float = 0.5,
         min_tracking_confidence: float = 0.5,
+        mapping: AlignmentPoints = MAPPINGS["insightface106"],
     ) -> None:
         self.static_image = static_image
+        self.mapping = mapping
         self._mesh = FaceMesh(
             static_image_mode=static_image,
             max_num_faces=1,
@@ -81,7 +78,7 @@ class FaceLandmarker:
     def alignment_points(self, rgb: np.ndarray) -> np.ndarray | None:
         """(3, 2) float64: image-left brow centre, image-right brow centre, nose; None without a face."""
         points = self.landmarks(rgb)
-        return None if points is None else alignment_points(points)
+        return None if points is None else self.mapping(points)
 
     def reset(self) -> None:
         """Forget the tracked face (a new stream starts)."""
@@ -122,13 +119,6 @@ class FaceLandmarker:
             return None
         points = np.array([(p.x, p.y) for p in faces[0].landmark], dtype=np.float64)
         return points * (x1 - x0, y1 - y0) + (x0, y0)
-
-
-def alignment_points(landmarks: np.ndarray) -> np.ndarray:
-    """The three LatentSync alignment points from (468, 2) FaceMesh landmarks, in template order."""
-    return np.stack([landmarks[list(BROW_IMAGE_LEFT)].mean(axis=0),
-                     landmarks[list(BROW_IMAGE_RIGHT)].mean(axis=0),
-                     landmarks[list(NOSE)].mean(axis=0)])
 
 
 def _square_box(cx: float, cy: float, size: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -98,7 +98,7 @@ class LipSync:
         """``face``: the face stage, FaceTracking (every frame's face found) unless one is given
         (a prepared avatar's faces, stream/avatar_prep.py)."""
         return [
-            face if face is not None else FaceTracking(self.config["resolution"]),
+            face if face is not None else FaceTracking(self.config),
             audio,
             Windowing(self.config["window"], stride),
             Generation(self.worker.client() if self.worker is not None else self.generator, late_after, record,

@@ -12,10 +12,12 @@ import torch
 
 from conftest import MEDIA
 from media_helpers import tiny_lipsync
+from stream.alignment_points import MAPPINGS
 from stream.avatar_prep import AvatarCache, AvatarFaces, PreparedAvatar, avatar_key, loop_frames, prepare_avatar
 from stream.face_alignment import FaceAligner
 from stream.face_landmarks import FaceLandmarker
 from stream.generation import faces_to_tensor
+from stream.landmark_smoothing import PointSmoother
 from stream.pipeline import LipSync
 from stream.runner import run_async
 from stream.session_options import AudioFormat
@@ -80,13 +82,15 @@ def test_prepared_faces_and_latents_are_what_live_tracking_makes(clip, tmp_path)
     played = loop_frames(clip)
     assert len(prepared) == len(played) == 2 * len(clip) - 2
     assert all(prepared[i] is played[i] for i in range(len(played)))
-    # Live tracking, written out: one landmarker and one aligner following the frames as played.
+    # Live tracking, written out: one landmarker, smoother and aligner following the frames as played
+    # (the clip's faceless runs are shorter than FORGET_AFTER_MISSES, so nothing is reset).
     live = []
     aligner = FaceAligner(lipsync.config["resolution"])
-    with FaceLandmarker() as landmarker:
+    smoother = PointSmoother(lipsync.config["fps"])
+    with FaceLandmarker(mapping=MAPPINGS[lipsync.config["face"]["landmarks"]]) as landmarker:
         for image in played:
             points = landmarker.alignment_points(image)
-            live.append(None if points is None else aligner.align(image, points))
+            live.append(None if points is None else aligner.align(image, smoother(points)))
     without = [i for i, face in enumerate(live) if face is None]
     assert without == [i for i, face in enumerate(prepared.faces) if face is None]
     assert set(without) >= {5, 6, 7} and len(without) < len(played) // 2 and prepared.frames_without_face == len(without)

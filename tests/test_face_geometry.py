@@ -11,9 +11,11 @@ from safetensors.numpy import load_file
 
 from av_helpers import decode, psnr
 from stream.compositing import PasteBack, paste_back, paste_mask
+from stream.config import CONFIG_DIR, ConfigError, load_config
 from stream.face_alignment import TEMPLATE, FaceAligner, similarity_transform
 from stream.face_landmarks import FaceLandmarker
 from stream.frames import FaceFrame, GeneratedFrame, VideoFrame
+from stream.landmark_smoothing import PointSmoother
 from stream.mouth_mask import MASK_PNG, latent_mask, mouth_mask
 
 SAMPLE_EVERY = 25  # frames kept in memory for the geometry checks (a 1080x1920 frame is 6 MB)
@@ -80,6 +82,49 @@ def test_a_still_image_and_the_largest_of_two_faces(media):
     np.testing.assert_allclose(chosen - (w // 2, 0), alone, atol=3)
 
 
+def test_each_config_names_its_landmark_mapping(tmp_path):
+    chosen = {name: load_config(name)["face"]["landmarks"] for name in ("latentsync-1.5", "latentsync-1.6", "tiny")}
+    assert chosen == {"latentsync-1.5": "ibug68", "latentsync-1.6": "insightface106", "tiny": "ibug68"}
+    text = (CONFIG_DIR / "tiny.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("landmarks: ibug68", "landmarks: dlib5"))
+    with pytest.raises(ConfigError, match="face.landmarks must be one of ibug68, insightface106"):
+        load_config(bad)
+
+
+# --- smoothing -------------------------------------------------------------------------------------
+
+
+FACE = np.array([[300.0, 400.0], [420.0, 400.0], [360.0, 470.0]])  # brows 120 px apart
+
+
+def test_smoother_passes_the_first_frame_and_a_still_face_through():
+    smoother = PointSmoother(25)
+    for _ in range(10):
+        np.testing.assert_allclose(smoother(FACE), FACE, rtol=0, atol=1e-9)
+
+
+def test_smoother_damps_noise_on_a_still_face():
+    noise = np.random.default_rng(0).normal(0, 1.0, (200, 3, 2))  # 1 px landmark noise
+    smoother = PointSmoother(25)
+    out = np.array([smoother(FACE + n) for n in noise])
+    second = lambda x: np.abs(np.diff(x, n=2, axis=0)).mean()  # noqa: E731
+    assert second(out) < 0.5 * second(FACE + noise)
+
+
+def test_smoother_follows_a_fast_move_within_a_few_frames():
+    smoother = PointSmoother(25)
+    smoother(FACE)
+    # A jump of one brow distance in a frame (a fast turn): most of it passes at once, the rest soon.
+    first = smoother(FACE + [120.0, 0.0])
+    assert first[0, 0] - FACE[0, 0] > 60
+    for _ in range(4):
+        settled = smoother(FACE + [120.0, 0.0])
+    np.testing.assert_allclose(settled, FACE + [120.0, 0.0], atol=1.0)
+    smoother.reset()
+    np.testing.assert_allclose(smoother(FACE), FACE, rtol=0, atol=1e-9)
+
+
 # --- alignment -------------------------------------------------------------------------------------
 
 
@@ -105,8 +150,9 @@ def test_detected_points_land_on_the_template(speaker):
     residuals = [np.abs(apply(aligner.transform(p), p) - aligner.template).max()
                  for p in speaker.points if p is not None]
     # Three points, four degrees of freedom: what is left is this face's shape against the template's
-    # (its nose sits lower under the brows than the template's); measured 8 px on average, 11.5 at worst.
-    assert np.mean(residuals) < 10 and max(residuals) < 15, f"worst residual {max(residuals):.1f} px"
+    # (its nose sits lower under the brows than the template's). Measured with the 1.6 stand-ins (the
+    # landmarker's default): 10.9 px on average, 14.2 at worst (8 and 11.5 with the uncalibrated points).
+    assert np.mean(residuals) < 12.5 and max(residuals) < 17, f"mean {np.mean(residuals):.1f}, worst {max(residuals):.1f} px"
 
 
 def test_smoothing_bias_follows_the_upstream_formula():

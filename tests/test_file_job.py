@@ -17,8 +17,8 @@ from av_helpers import decode, psnr, write_video, write_wav
 from conftest import MEDIA, REPO
 from stream.compositing import paste_mask
 from stream.config import load_config
-from stream.face_alignment import FaceAligner
-from stream.face_landmarks import FaceLandmarker
+from stream.face_tracking import FaceTracking
+from stream.frames import VideoFrame
 from transport.files import read_video
 
 SPEAKER = MEDIA / "speaker_wide.mp4"
@@ -89,15 +89,17 @@ def test_tiny_model_leaves_pixels_outside_the_paste_mask_alone(tmp_path):
     assert result.returncode == 0, result.stderr
     produced = list(decode(out))
     original = source_frames(len(produced))
-    aligner = FaceAligner(load_config("tiny")["resolution"])
+    tracking = FaceTracking(load_config("tiny"))  # the file job's own face stage, run again
     inside_scores, outside_scores = [], []
-    with FaceLandmarker() as landmarker:
-        for made, source in zip(produced, original):
-            face = aligner.align(source, landmarker.alignment_points(source))
+    try:
+        for index, (made, source) in enumerate(zip(produced, original)):
+            (found,) = tracking.process(VideoFrame(index, index / 25, source))
             # A 2 px margin covers the encoder's chroma subsampling at the mask edge.
-            outside = paste_mask(face, source.shape[:2], margin=2) == 0
+            outside = paste_mask(found.face, source.shape[:2], margin=2) == 0
             outside_scores.append(psnr(made[outside], source[outside]))
             inside_scores.append(psnr(made[~outside], source[~outside]))
+    finally:
+        tracking.close()
     assert min(outside_scores) >= 40, f"outside the mask: {min(outside_scores):.1f} dB"
     assert max(inside_scores) < 35, "the model should have changed the mouth"
 
