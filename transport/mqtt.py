@@ -323,15 +323,16 @@ class MqttBridge:
             if retained:
                 raise commands.CommandError("a retained message is not taken (it would be replayed at every "
                                             "reconnection): publish commands and audio without retain")
+            # The token is checked first: without it, not even whether the session exists is told.
+            body = None if kind == "audio" else self._command(payload)
             if session is None:
                 raise commands.CommandError(f"no session {name!r}")
-            if kind == "audio":
+            if body is None:
                 try:
                     session.write_audio(payload)
                 except BufferFull:
                     pass  # the session told its listeners (buffer_full)
             else:
-                body = self._command(payload)
                 if body.get("cmd") == "close":  # freeing a session takes a while: others' audio goes on
                     self._spawn(commands.apply(session, self.avatars, body))
                 else:

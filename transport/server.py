@@ -49,6 +49,7 @@ from transport.connections import start_listening
 from transport.mqtt import MqttBridge, MqttSettings
 from transport.logs import JsonLines
 from transport.metrics import SessionMetrics
+from transport.process_memory import limit_malloc_arenas
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class LipstreamServer:
         return app
 
     async def _startup(self, app: web.Application) -> None:
+        limit_malloc_arenas()  # before any session's threads (transport/process_memory.py)
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
         self.manager.start_expiry()
         if self.settings.mqtt is not None:
