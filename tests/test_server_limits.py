@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import struct
 import threading
 import time
@@ -21,6 +22,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 import transport.webrtc
 from media_helpers import ServerThread, make_camera_files
+from stream.avatars import Avatar, AvatarStore
 from test_webrtc_server import Client
 
 BOUND_MB = 500
@@ -186,8 +188,11 @@ def test_upload_bombs_stay_below_500_mb(media):
         uploads = [("bomb.png", png, "image/png"), ("bomb.mp4", clip, "video/mp4")]
         with PeakResidentSet() as both:  # at once, as an attacker would send them
             results = [None, None]
-            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, running.post_file("/avatar", *uploads[i])))
-                       for i in range(2)]
+
+            def upload(i: int) -> None:
+                results[i] = running.post_file("/avatar", *uploads[i])
+
+            threads = [threading.Thread(target=upload, args=(i,)) for i in range(2)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -199,3 +204,35 @@ def test_upload_bombs_stay_below_500_mb(media):
     print(f"bombs: {len(png) / 1e6:.1f} MB PNG and {len(clip) / 1e3:.0f} kB 4K clip at once: "
           f"+{both.added:.0f} MB resident at the peak ({both.before:.0f} MB before)")
     assert both.added < BOUND_MB, f"+{both.added:.0f} MB"
+
+
+def test_uploads_past_the_limit_wait_outside(media):
+    """One upload being read holds the only place: a second gets 503 until the first is over."""
+    portrait = (media / "portrait.png").read_bytes()
+    with ServerThread(max_uploads=1) as running:
+        boundary = "slow-boundary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", running.settings.port), timeout=10) as slow:
+            slow.sendall((f"POST /avatar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(head) + 10**6}\r\n"
+                          f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
+            slow.sendall(head + b"\0" * 1000)  # a million bytes promised, a thousand sent
+            time.sleep(0.5)  # the handler reads the body
+            busy, body = running.post_file("/avatar", "portrait.png", portrait, "image/png")
+        deadline = time.monotonic() + 10
+        while (after := running.post_file("/avatar", "portrait.png", portrait, "image/png"))[0] == 503:
+            assert time.monotonic() < deadline, "the place was not given back"
+            time.sleep(0.1)
+    assert busy == 503 and "uploads are being checked" in body["error"]
+    assert after[0] == 200, after
+
+
+def test_the_avatar_store_keeps_a_byte_budget():
+    frame = np.zeros((640, 640, 3), np.uint8)  # 1.2 MB
+    store = AvatarStore(keep=8, max_bytes=5 * frame.nbytes)
+    ids = [store.add(Avatar(f"clip{i}", [frame.copy(), frame.copy()])) for i in range(4)]
+    assert [a["avatar"] for a in store.describe()] == ids[2:]  # the two oldest went: 4 frames fit, 8 do not
+    assert store.nbytes <= 5 * frame.nbytes
+    store.get(ids[2])  # used: the newest now
+    big = store.add(Avatar("big", [frame.copy() for _ in range(7)]))  # over the budget alone: kept, alone
+    assert [a["avatar"] for a in store.describe()] == [big]

@@ -139,7 +139,8 @@ def test_other_hosts_and_origins_are_refused(guarded, server):
     port = guarded.settings.port
     # DNS rebinding: the attacker's name, resolved to 127.0.0.1. The token does not help it either.
     for target in (guarded, server):
-        status, body = raw_request(target, "GET", "/ice", {"Host": f"attacker.example:{target.settings.port}", **BEARER})
+        rebound = {"Host": f"attacker.example:{target.settings.port}", **BEARER}
+        status, body = raw_request(target, "GET", "/ice", rebound)
         assert status == 403 and "host" in body["error"]
     assert raw_request(guarded, "GET", "/avatars", {"Host": "lipstream.example", **BEARER})[0] == 200
     assert raw_request(guarded, "GET", "/avatars", {"Host": f"[::1]:{port}", **BEARER})[0] == 200
@@ -208,7 +209,8 @@ def test_what_used_to_fail_with_500_gets_400_with_the_reason(server):
     ({"context_seconds": 1e6}, "context_seconds"), ({"context_seconds": math.inf}, "context_seconds"),
     ({"context_seconds": 1e308}, "context_seconds"), ({"context_seconds": math.nan}, "context_seconds"),
     ({"late_after": -0.1}, "late_after"), ({"late_after": math.nan}, "late_after"), ({"late_after": 0}, "late_after"),
-    ({"fade_frames": -1}, "fade_frames"), ({"fade_frames": 10**6}, "fade_frames"), ({"fade_frames": True}, "fade_frames"),
+    ({"fade_frames": -1}, "fade_frames"), ({"fade_frames": 10**6}, "fade_frames"),
+    ({"fade_frames": True}, "fade_frames"),
     ({"buffer_seconds": 0}, "buffer_seconds"), ({"buffer_seconds": math.inf}, "buffer_seconds"),
     ({"vad": 1}, "vad"), ({"vad": "yes"}, "vad"), ({"speed": 2}, "speed"),
 ])
@@ -225,8 +227,8 @@ def test_every_option_has_a_type_and_a_range(options, field):
 
 
 def test_options_are_checked_over_http_with_the_reason(server):
-    status, body = server.post_json("/offer", b'{"sdp": "%s", "type": "offer", "options": {"context_seconds": Infinity}}'
-                                    % SDP.replace("\r\n", "\\r\\n").encode())
+    infinite = b'{"sdp": "%s", "type": "offer", "options": {"context_seconds": Infinity}}'
+    status, body = server.post_json("/offer", infinite % SDP.replace("\r\n", "\\r\\n").encode())
     assert status == 400 and "context_seconds" in body["error"]
     status, body = server.post_json("/sessions", {"options": {"late_after": -1}})
     assert status == 400 and "late_after" in body["error"]

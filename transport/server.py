@@ -349,16 +349,17 @@ def serve(lipsync, settings: ServeSettings, log_json: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for chatty in ("aiohttp.access", "aioice", "aiortc"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    warning = exposure_warning(settings.host, settings.token)
-    if warning:
-        print(warning, flush=True)
     asyncio.run(_serve_until_stopped(LipstreamServer(lipsync, settings)))
 
 
 async def listen(server: LipstreamServer) -> web.AppRunner:
     """Serve ``server`` on its settings' host and port, with the header timeout and connection cap of
-    transport/connections.py; ``await runner.cleanup()`` stops it and closes every session."""
+    transport/connections.py; ``await runner.cleanup()`` stops it and closes every session. Warns
+    when it listens beyond loopback without a token (transport/access.py)."""
     settings = server.settings
+    warning = exposure_warning(settings.host, settings.token)
+    if warning:
+        log.warning(warning)
     return await start_listening(server.app(), settings.host, settings.port, header_timeout=settings.header_timeout,
                                  max_connections=settings.max_connections)
 
