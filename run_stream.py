@@ -38,6 +38,14 @@ def _arguments() -> argparse.ArgumentParser:
                              help="mqtts: CA certificates (PEM) that sign the broker's (default: the system's)")
         command.add_argument("--mqtt-prefix", default="lipstream", help="MQTT topic prefix (default: lipstream)")
 
+    def access_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--token",
+                             help="access token required on every API route, the WebSocket and MQTT commands "
+                                  "(default: $LIPSTREAM_TOKEN; none: whoever reaches the address may use it)")
+        command.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                             help="a Host name the server answers to besides loopback and its address "
+                                  "(repeatable; '*' for any); see the README's 'Security'")
+
     def job_options(command: argparse.ArgumentParser, video_required: bool = True) -> None:
         command.add_argument("--video", required=video_required,
                              help="input video: a file or any FFmpeg URL; its face gets the new mouth")
@@ -142,6 +150,7 @@ def _arguments() -> argparse.ArgumentParser:
     rtmp.add_argument("--serve", type=int, metavar="PORT",
                       help="also serve the page and API: WebRTC viewers watch the session (mode viewer)")
     rtmp.add_argument("--serve-host", default="127.0.0.1", help="--serve address (default 127.0.0.1)")
+    access_options(rtmp)
     mqtt_options(rtmp)  # with --serve: the session's commands and --audio api over MQTT too
     rtmp.add_argument("--ice-host", action="append", default=[], metavar="IP", help="as for `serve`")
     rtmp.add_argument("--json", help="write the summary to this JSON file")
@@ -202,6 +211,15 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--udp-ports", metavar="A-B",
                        help="bind the media sockets inside this UDP port range (default: any port)")
     mqtt_options(serve)
+    access_options(serve)
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send a whole request's headers (default: 10)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open HTTP connections, WebSockets included; past it 503 (default: 256)")
+    serve.add_argument("--max-uploads", type=int, default=2,
+                       help="avatar uploads checked at once; past it 503 (default: 2)")
+    serve.add_argument("--max-avatar-mb", type=float, default=1024.0,
+                       help="memory for uploaded avatars in all; the least recently used go (default: 1024)")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object a line (to stderr)")
     return parser
 
@@ -233,6 +251,14 @@ def _mqtt_settings(args: argparse.Namespace):
     return None
 
 
+def _access_settings(args: argparse.Namespace) -> dict:
+    """The token (--token, else $LIPSTREAM_TOKEN) and allowed hosts, as ServeSettings fields."""
+    from transport.access import TOKEN_ENV
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    return {"token": token, "allowed_hosts": tuple(args.allowed_host)}
+
+
 def _serve(args: argparse.Namespace) -> None:
     from models.weights import WeightsUnavailable
     from stream.avatar_prep import default_cache_dir
@@ -251,16 +277,18 @@ def _serve(args: argparse.Namespace) -> None:
         mqtt = _mqtt_settings(args)
         if args.max_viewers < 1 or args.idle_seconds <= 0:
             raise UserError("--max-viewers must be at least 1 and --idle-seconds positive")
+        settings = ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
+                                 args.avatar, ice, max_viewers=args.max_viewers, avatar_cache=str(avatar_cache),
+                                 idle_seconds=args.idle_seconds, mqtt=mqtt, **_access_settings(args),
+                                 header_timeout=args.header_timeout, max_connections=args.max_connections,
+                                 max_uploads=args.max_uploads, max_avatar_mb=args.max_avatar_mb)
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
                                       args.precision, checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)
     except (ValueError, ConfigError, WeightsUnavailable) as exc:
         raise UserError(str(exc).replace("\n", " ")) from None
     try:
-        serve(lipsync, ServeSettings(args.host, args.port, args.max_sessions, args.max_upload_mb,
-                                     args.avatar, ice, max_viewers=args.max_viewers,
-                                     avatar_cache=str(avatar_cache),
-                                     idle_seconds=args.idle_seconds, mqtt=mqtt), log_json=args.log_json)
+        serve(lipsync, settings, log_json=args.log_json)
     except BadInput as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # the port is taken, the address is not ours...
@@ -307,7 +335,7 @@ def _rtmp(args: argparse.Namespace) -> dict:
             from transport.webrtc import IceSettings
 
             serve = ServeSettings(args.serve_host, args.serve, max_sessions=1, ice=IceSettings(hosts=tuple(args.ice_host)),
-                                  mqtt=_mqtt_settings(args))
+                                  mqtt=_mqtt_settings(args), **_access_settings(args))
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device, args.precision,
                                       checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)

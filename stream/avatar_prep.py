@@ -77,6 +77,14 @@ class PreparedAvatar:
         return self.frames[index]
 
     @property
+    def nbytes(self) -> int:
+        """Memory of its distinct frames, crops and latents (a clip's played frames repeat its own)."""
+        frames = {id(frame): frame.nbytes for frame in self.frames}
+        crops = sum(face.image.nbytes for face in self.faces if face is not None)
+        latents = sum(c.element_size() * c.nelement() for c in self.conditions if c is not None)
+        return sum(frames.values()) + crops + latents
+
+    @property
     def frames_without_face(self) -> int:
         return sum(face is None for face in self.faces)
 
@@ -172,15 +180,17 @@ class CacheFileError(ValueError):
 
 
 class AvatarCache:
-    """Prepared avatars by content: the last ``keep`` in memory and, with a ``directory``, on disk.
+    """Prepared avatars by content: the last ``keep`` (and ``max_bytes``) in memory and, with a
+    ``directory``, on disk.
 
     Thread-safe; ``prepare`` blocks (call it off the event loop). ``reused``, ``loaded`` and
     ``prepared`` count memory hits, disk hits and avatars made.
     """
 
-    def __init__(self, directory: str | Path | None = None, keep: int = 8):
+    def __init__(self, directory: str | Path | None = None, keep: int = 8, max_bytes: int = 1 << 30):
         self.directory = Path(directory).expanduser() if directory is not None else None
         self.keep = keep
+        self.max_bytes = max_bytes
         self.reused = self.loaded = self.prepared = 0
         self._memory: OrderedDict[str, PreparedAvatar] = OrderedDict()
         self._lock = threading.Lock()
@@ -203,7 +213,8 @@ class AvatarCache:
             self._store(avatar)
         with self._lock:
             self._memory[key] = avatar
-            while len(self._memory) > self.keep:
+            while len(self._memory) > 1 and (len(self._memory) > self.keep or
+                                             sum(a.nbytes for a in self._memory.values()) > self.max_bytes):
                 self._memory.popitem(last=False)
         return avatar
 

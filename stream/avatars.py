@@ -1,8 +1,10 @@
 """The avatars sessions can show: decoded frames, kept in memory under an id, bounded.
 
 Decoding and checking an upload is the transport's job (transport/avatar_files.py); this store
-only keeps what passed, least recently used out first. A running session keeps its own frames,
-so dropping an avatar from the store never disturbs a session that shows it.
+only keeps what passed, least recently used out first, within a count and a byte budget (uploads
+are unauthenticated when no token is set: without a byte bound, eight 8-second clips hold 2 GB). A
+running session keeps its own frames, so dropping an avatar from the store never disturbs a session
+that shows it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class Avatar:
         """What a session is given to show: the prepared avatar when there is one."""
         return self.prepared if self.prepared is not None else self.frames
 
+    @property
+    def nbytes(self) -> int:
+        """What its pictures hold in memory (the prepared crops and latents included)."""
+        return sum(frame.nbytes for frame in self.frames) + (self.prepared.nbytes if self.prepared else 0)
+
     def describe(self, avatar_id: str) -> dict:
         height, width = self.frames[0].shape[:2]
         return {"avatar": avatar_id, "name": self.name, "frames": len(self.frames),
@@ -41,15 +48,24 @@ class UnknownAvatar(LookupError):
 
 
 class AvatarStore:
-    def __init__(self, default: Avatar | None = None, keep: int = 8):
+    """The uploaded avatars: at most ``keep`` of them and ``max_bytes`` in all (the default one aside)."""
+
+    def __init__(self, default: Avatar | None = None, keep: int = 8, max_bytes: int = 1 << 30):
         self.default = default
         self.keep = keep
+        self.max_bytes = max_bytes
         self._avatars: OrderedDict[str, Avatar] = OrderedDict()
 
+    @property
+    def nbytes(self) -> int:
+        return sum(avatar.nbytes for avatar in self._avatars.values())
+
     def add(self, avatar: Avatar) -> str:
+        """Keep ``avatar`` under a new id; the least recently used go to make room (the newest stays,
+        whatever its size: an upload is bounded by its own limits)."""
         avatar_id = uuid.uuid4().hex[:12]
         self._avatars[avatar_id] = avatar
-        while len(self._avatars) > self.keep:
+        while len(self._avatars) > 1 and (len(self._avatars) > self.keep or self.nbytes > self.max_bytes):
             self._avatars.popitem(last=False)
         return avatar_id
 

@@ -25,11 +25,17 @@ class CommandError(ValueError):
 
 
 def parse_json(payload: bytes | str) -> dict:
-    """A JSON object, or CommandError."""
+    """A JSON object, or CommandError.
+
+    Python's parser recurses once per nesting level: a body of 100 000 brackets ends in a
+    RecursionError, which is the sender's error like any other malformed JSON.
+    """
     try:
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CommandError(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise CommandError("not JSON this server reads: nested too deeply") from None
     if not isinstance(body, dict):
         raise CommandError("a command must be a JSON object")
     return body

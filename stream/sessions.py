@@ -113,6 +113,11 @@ class SessionManager:
     async def _expire(self, period: float) -> None:
         while True:
             await asyncio.sleep(period)
-            for session in list(self.sessions.values()):
-                if session.kind == "program" and session.idle_for() > self.idle_seconds:
-                    await session.close(reason=f"idle for {self.idle_seconds:g} s")
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        # A function of its own: a loop variable in ``_expire`` would keep the last session it saw,
+        # with every frame and buffer it holds, alive for as long as the server runs.
+        for session in [s for s in self.sessions.values() if s.kind == "program"]:
+            if session.idle_for() > self.idle_seconds:
+                await session.close(reason=f"idle for {self.idle_seconds:g} s")

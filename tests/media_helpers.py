@@ -20,14 +20,13 @@ from pathlib import Path
 
 import av
 import numpy as np
-from aiohttp import web
 from aiortc.mediastreams import MediaStreamTrack
 
 from av_helpers import decode, write_video, write_wav
 from stream.config import load_config
 from stream.pipeline import LipSync
 from transport.files import read_audio
-from transport.server import LipstreamServer, ServeSettings
+from transport.server import LipstreamServer, ServeSettings, listen
 from transport.webrtc import IceSettings
 
 LOOPBACK_ICE = IceSettings(hosts=("127.0.0.1",))
@@ -141,10 +140,7 @@ class ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._runner = web.AppRunner(self.server.app())
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-            self._loop.run_until_complete(site.start())
+            self._runner = self._loop.run_until_complete(listen(self.server))
         except BaseException as exc:  # reported by __enter__
             self._error = exc
             self._ready.set()

@@ -173,3 +173,23 @@ async def _speak(url: str, session: str, pcm: bytes) -> None:
             await socket.send_bytes(pcm[start : start + 1280])
             await asyncio.sleep(0.02)
         await asyncio.sleep(3)
+
+
+def test_the_page_asks_once_for_the_token_and_sends_it(browser, media):
+    """A server with a token: the page's first calls are refused, it asks once (both refused calls wait
+    for the one answer), keeps the token, and a reload asks no more."""
+    with ServerThread(token="page-token", avatar=str(media / "portrait.png")) as guarded:
+        page = browser.new_page()
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("page-token")))
+        try:
+            page.goto(guarded.url)
+            page.wait_for_function("document.getElementById('avatar').options.length > 0", timeout=10_000)
+            assert page.evaluate("localStorage.getItem('lipstream-token')") == "page-token"
+            page.reload()
+            page.wait_for_function("document.getElementById('avatar').options.length > 0", timeout=10_000)
+            refused = guarded.request("/avatars")[0]
+        finally:
+            page.close()
+    assert len(asked) == 1 and "access token" in asked[0]
+    assert refused == 401

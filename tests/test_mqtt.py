@@ -408,3 +408,33 @@ def test_mqtt_settings_are_checked():
                 dict(ca="ca.pem"), dict(tls=True, ca="/nonexistent/ca.pem")):
         with pytest.raises(ValueError):
             MqttSettings("x", **bad)
+
+
+def test_with_a_token_every_command_must_carry_it(broker):
+    """A bridge over a server with a token and no default avatar: commands without the token, or with
+    another one, are refused as such; with it, they reach the command itself (here: no avatar)."""
+
+    async def run():
+        bridge = MqttBridge(SessionManager(None), AvatarStore(), MqttSettings("127.0.0.1", broker.port,
+                                                                             prefix="locked"), token="s3cret")
+        bridge.start()
+        try:
+            async with Probe(broker.port, "locked/status", "locked/events") as probe:
+                await probe.status("locked/status", lambda s: s["state"] == "online")
+                replies = []
+                for token in (None, "wrong", 7, "s3cret"):
+                    seen = len(probe.messages)
+                    command = create("guarded") | ({} if token is None else {"token": token})
+                    await probe.publish("locked/control", command)
+                    replies.append((await probe.event("locked/events", "error", after=seen))[1]["message"])
+                seen = len(probe.messages)
+                await probe.publish("locked/guarded/control", {"cmd": "interrupt"})
+                replies.append((await probe.event("locked/events", "error", after=seen))[1]["message"])
+        finally:
+            await bridge.stop()
+        return replies
+
+    *refused, allowed, unknown = asyncio.run(run())
+    assert all("access token" in message for message in refused), refused
+    assert "no default one" in allowed, allowed
+    assert "access token" in unknown, unknown

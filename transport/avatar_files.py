@@ -1,14 +1,14 @@
 """Avatar files a user uploads or names: decoded into RGB frames and checked for a face.
 
-A portrait (png/jpeg/webp) or a clip (mp4/webm/mov, re-timed to the session's fps). Frames are
-scaled to at most AVATAR_LONG_SIDE pixels and clips cut to CLIP_SECONDS, which bounds what one
+A portrait (png/jpeg/webp) or a clip (mp4/webm/mov, re-timed to the session's fps). Both are
+opened by transport/media_probe.py only: the declared type picks the decoder, never FFmpeg's
+probing, and the pixel count is checked before anything is decoded. Frames are scaled to at most
+AVATAR_LONG_SIDE pixels as they are decoded and clips cut to CLIP_SECONDS, which bounds what one
 avatar costs in memory (640x640x3 x 200 frames = 245 MB at worst).
 """
 
 from __future__ import annotations
 
-import itertools
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -16,7 +16,7 @@ import numpy as np
 
 from stream.avatars import Avatar
 from stream.face_landmarks import FaceLandmarker
-from transport.files import MediaError, read_video
+from transport.media_probe import UnsafeMedia, clip_frames, decode_image
 
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 CLIP_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}
@@ -31,24 +31,23 @@ class BadInput(ValueError):
 def load_avatar(data: bytes, suffix: str, name: str, fps: int, seconds: float = CLIP_SECONDS) -> Avatar:
     """Decode a portrait or a clip (re-timed to ``fps``, its first ``seconds``) into RGB frames; it must
     show a face (blocking)."""
-    if suffix in IMAGE_TYPES.values():
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise BadInput(f"{name}: not a readable image")
-        frames = [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)]
-    else:
-        with tempfile.NamedTemporaryFile(suffix=suffix) as clip:
-            clip.write(data)
-            clip.flush()
-            try:
-                frames = [f.image for f in itertools.islice(read_video(clip.name, fps), round(seconds * fps))]
-            except MediaError as exc:
-                raise BadInput(f"{name}: not a readable clip ({exc})") from None
-    frames = [_fit(frame) for frame in frames]
+    kind = "image" if suffix in IMAGE_TYPES.values() else "clip"
+    try:
+        if kind == "image":
+            frames = iter([_fit(decode_image(data))])
+        else:
+            frames = clip_frames(data, suffix, fps, round(seconds * fps), AVATAR_LONG_SIDE)
+        first = next(frames)
+        _check_face(first, name)  # before the rest of a clip is decoded
+        return Avatar(name, [first, *frames])
+    except UnsafeMedia as exc:
+        raise BadInput(f"{name}: not a readable {kind} ({exc})") from None
+
+
+def _check_face(frame: np.ndarray, name: str) -> None:
     with FaceLandmarker(static_image=True) as landmarker:
-        if landmarker.alignment_points(frames[0]) is None:
+        if landmarker.alignment_points(frame) is None:
             raise BadInput(f"{name}: no face found in it (the first frame must show one face)")
-    return Avatar(name, frames)
 
 
 def load_avatar_file(path: str | Path, fps: int, seconds: float = CLIP_SECONDS) -> Avatar:

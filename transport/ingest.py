@@ -13,7 +13,9 @@ arrives (an input that dropped, or one without audio) silence is pushed, so the 
 whatever reads its output, never stalls.
 
 A URL is hostile until checked (``check_input``): only rtmp, rtmps, srt, http and https URLs and
-existing files are opened, always with explicit timeouts, so a dead input fails with one line.
+existing files are opened, always with explicit timeouts, so a dead input fails with one line; and
+FFmpeg may use only that scheme's protocols and, for files, streaming containers (no concat script,
+no playlist of local files).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Callable
 
 import av
 import numpy as np
+
+from transport.media_probe import input_options
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +222,7 @@ class SourceReader:
             timeout = (LISTEN_WAIT + settings.open_timeout, settings.read_timeout)
         else:
             timeout = (settings.open_timeout, settings.read_timeout)
+        options.update(input_options(settings.url))  # its scheme's protocols only (transport/media_probe.py)
         container = av.open(settings.url, "r", options=options, timeout=timeout)
         # The pictures are what is lip-synced; audio may be missing (silence), unless it is all we read.
         missing = "video" if settings.video and not container.streams.video else (

@@ -14,6 +14,8 @@
 
 It is an adapter like transport/server.py, over the same ``SessionManager`` and ``AvatarStore``:
 commands are read by stream/commands.py, so MQTT and HTTP answer bad input with the same words.
+With a server token (``--token``), every JSON command carries it as ``"token"``; PCM on the audio
+topics cannot, so give those topics to the publishers that may send with the broker's own ACLs.
 Nothing a client sends can stop the bridge: every bad message becomes an ``error`` event. Sessions
 made through other doors (HTTP, WebRTC) are published too, from the next status tick on.
 
@@ -45,6 +47,7 @@ from stream.avatars import AvatarStore
 from stream.live import LiveSession
 from stream.program_audio import BufferFull
 from stream.sessions import SessionLimit, SessionManager
+from transport.access import token_matches
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,11 @@ class MqttSettings:
 class MqttBridge:
     """MQTT in and out for the sessions of one ``SessionManager``; ``start()``, then ``await stop()``."""
 
-    def __init__(self, manager: SessionManager, avatars: AvatarStore, settings: MqttSettings) -> None:
+    def __init__(self, manager: SessionManager, avatars: AvatarStore, settings: MqttSettings,
+                 token: str | None = None) -> None:
+        """``token``: when set, every JSON command must carry it as ``"token"`` (transport/access.py)."""
         self.manager = manager
+        self.token = token
         self.avatars = avatars
         self.settings = settings
         self.prefix = settings.prefix
@@ -317,15 +323,16 @@ class MqttBridge:
             if retained:
                 raise commands.CommandError("a retained message is not taken (it would be replayed at every "
                                             "reconnection): publish commands and audio without retain")
+            # The token is checked first: without it, not even whether the session exists is told.
+            body = None if kind == "audio" else self._command(payload)
             if session is None:
                 raise commands.CommandError(f"no session {name!r}")
-            if kind == "audio":
+            if body is None:
                 try:
                     session.write_audio(payload)
                 except BufferFull:
                     pass  # the session told its listeners (buffer_full)
             else:
-                body = self._command(payload)
                 if body.get("cmd") == "close":  # freeing a session takes a while: others' audio goes on
                     self._spawn(commands.apply(session, self.avatars, body))
                 else:
@@ -365,7 +372,11 @@ class MqttBridge:
         except UnicodeDecodeError:
             raise commands.CommandError(f"a binary payload ({len(payload)} bytes) on a control topic: commands "
                                         f"are JSON text; PCM goes to {self.prefix}/NAME/audio") from None
-        return commands.parse_json(text)
+        body = commands.parse_json(text)
+        given = body.pop("token", None)
+        if self.token is not None and not (isinstance(given, str) and token_matches(given, self.token)):
+            raise commands.CommandError('this server needs its access token: add "token": TOKEN to the command')
+        return body
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)

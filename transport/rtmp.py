@@ -202,18 +202,14 @@ async def serve_and_relay(lipsync, settings: RelaySettings, serve=None,
         if on_ready is not None:
             on_ready(relay)
         return await relay.run()
-    from aiohttp import web
-
-    from transport.server import LipstreamServer
+    from transport.server import LipstreamServer, listen
 
     server = LipstreamServer(lipsync, serve)
     relay = Relay(lipsync, settings, manager=server.manager)
     if on_ready is not None:
         on_ready(relay)
-    runner = web.AppRunner(server.app())
-    await runner.setup()
+    runner = await listen(server)
     try:
-        await web.TCPSite(runner, serve.host, serve.port).start()
         return await relay.run()
     finally:
         await runner.cleanup()

@@ -18,6 +18,10 @@
 
 The models are built once (one ``LipSync``); sessions live in a ``SessionManager`` shared with the
 other transports (MQTT), and this module only translates HTTP, WebSocket and WebRTC to it.
+
+Every request first passes transport/access.py (Host, Origin, Content-Type, the token when one is
+set); the listener is bounded by transport/connections.py (header timeout, open connections), and
+uploads by their size, by how many are decoded at once and by the avatar store's budget.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +43,13 @@ from stream.avatars import Avatar, AvatarStore, UnknownAvatar
 from stream.program_audio import BufferFull
 from stream.session_options import OptionError, SessionOptions
 from stream.sessions import SessionError, SessionLimit, SessionManager
+from transport.access import Access, exposure_warning
 from transport.avatar_files import BadInput, load_avatar, load_avatar_file, upload_suffix
+from transport.connections import start_listening
 from transport.mqtt import MqttBridge, MqttSettings
 from transport.logs import JsonLines
 from transport.metrics import SessionMetrics
+from transport.process_memory import limit_malloc_arenas
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,17 @@ class ServeSettings:
     idle_seconds: float = 300.0  # a program session nobody feeds or watches closes after this
     mqtt: MqttSettings | None = None  # also take commands and audio over MQTT (transport/mqtt.py)
     avatar_cache: str | None = None  # where prepared avatars are kept on disk (None: in memory only)
+    token: str | None = None  # required on every API route, the WebSocket and MQTT commands when set
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback and ``host`` ("*": any)
+    header_timeout: float = 10.0  # seconds for a connection to send a whole request's headers
+    max_connections: int = 256  # open HTTP connections (WebSockets included); past it, 503
+    max_uploads: int = 2  # avatar uploads read and decoded at once; past it, 503
+    max_avatar_mb: float = 1024.0  # uploaded avatars kept in memory, in all (least recently used go)
+
+    def __post_init__(self) -> None:
+        if self.header_timeout <= 0 or self.max_connections < 1 or self.max_uploads < 1 or self.max_avatar_mb <= 0:
+            raise ValueError("the header timeout and the avatar budget must be positive, the connection "
+                             "and upload limits at least 1")
 
 
 class LipstreamServer:
@@ -75,12 +94,14 @@ class LipstreamServer:
         self.fps = int(lipsync.config["fps"])
         # Every avatar is prepared once, when it arrives (stream/avatar_prep.py): its sessions then
         # run no face detection and no VAE encode per frame.
-        self.avatar_cache = AvatarCache(settings.avatar_cache)
+        self.avatar_cache = AvatarCache(settings.avatar_cache, max_bytes=int(settings.max_avatar_mb * 2**20))
         self.manager = manager or SessionManager(lipsync, max_sessions=settings.max_sessions,
                                                  idle_seconds=settings.idle_seconds,
                                                  avatar_cache=self.avatar_cache)
         default = self._prepared(load_avatar_file(settings.avatar, self.fps)) if settings.avatar else None
-        self.avatars = AvatarStore(default, keep=KEPT_AVATARS)
+        self.avatars = AvatarStore(default, keep=KEPT_AVATARS, max_bytes=int(settings.max_avatar_mb * 2**20))
+        self.access = Access(settings.host, settings.token, settings.allowed_hosts)
+        self._uploads = asyncio.Semaphore(settings.max_uploads)
         self.peers: set[Peer] = set()
         self.mqtt: MqttBridge | None = None
         self._uninstall_ice = None
@@ -90,7 +111,8 @@ class LipstreamServer:
         ProcessCollector(registry=self.registry)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=OFFER_MAX_BYTES)  # uploads stream past it
+        app = web.Application(client_max_size=OFFER_MAX_BYTES,  # uploads stream past it
+                              middlewares=[self.access.middleware])
         app.add_routes([
             web.get("/", self.index),
             web.post("/offer", self.offer),
@@ -111,10 +133,11 @@ class LipstreamServer:
         return app
 
     async def _startup(self, app: web.Application) -> None:
+        limit_malloc_arenas()  # before any session's threads (transport/process_memory.py)
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
         self.manager.start_expiry()
         if self.settings.mqtt is not None:
-            self.mqtt = bridge = MqttBridge(self.manager, self.avatars, self.settings.mqtt)
+            self.mqtt = bridge = MqttBridge(self.manager, self.avatars, self.settings.mqtt, token=self.settings.token)
             bridge.start()
             self.metrics.add_gauge("lipstream_mqtt_connected", lambda: float(bridge.connected),
                                    "1 while the MQTT bridge is connected to its broker")
@@ -243,6 +266,14 @@ class LipstreamServer:
     # -- avatars and ICE ---------------------------------------------------------------------
 
     async def upload_avatar(self, request: web.Request) -> web.Response:
+        """One upload read and decoded at a time per ``max_uploads`` place: each may hold its bytes and
+        a few hundred MB of frames while it is checked, so how many run at once bounds the server's memory."""
+        if self._uploads.locked():
+            return _error(503, f"{self.settings.max_uploads} avatar uploads are being checked: try again shortly")
+        async with self._uploads:
+            return await self._upload_avatar(request)
+
+    async def _upload_avatar(self, request: web.Request) -> web.Response:
         limit = int(self.settings.max_upload_mb * 1024 * 1024)
         try:
             reader = await request.multipart()
@@ -318,7 +349,29 @@ def serve(lipsync, settings: ServeSettings, log_json: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for chatty in ("aiohttp.access", "aioice", "aiortc"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    app = LipstreamServer(lipsync, settings).app()
-    ready = f"lipstream: open http://{settings.host}:{settings.port}/ (Ctrl-C to stop)"
-    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=5,
-                print=lambda _: print(ready, flush=True))
+    asyncio.run(_serve_until_stopped(LipstreamServer(lipsync, settings)))
+
+
+async def listen(server: LipstreamServer) -> web.AppRunner:
+    """Serve ``server`` on its settings' host and port, with the header timeout and connection cap of
+    transport/connections.py; ``await runner.cleanup()`` stops it and closes every session. Warns
+    when it listens beyond loopback without a token (transport/access.py)."""
+    settings = server.settings
+    warning = exposure_warning(settings.host, settings.token)
+    if warning:
+        log.warning(warning)
+    return await start_listening(server.app(), settings.host, settings.port, header_timeout=settings.header_timeout,
+                                 max_connections=settings.max_connections)
+
+
+async def _serve_until_stopped(server: LipstreamServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    runner = await listen(server)
+    print(f"lipstream: open http://{server.settings.host}:{server.settings.port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

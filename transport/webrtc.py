@@ -51,6 +51,12 @@ CONNECT_TIMEOUT = 20.0
 # A peer whose media stopped this long ago is gone (crashed, or cut off without a goodbye): ICE
 # consent checks would take 30 s to say so. Browsers send audio all along, silence included.
 INPUT_TIMEOUT = 3.0
+# A peer that drives its session and has sent no media this long after its offer was answered is
+# let go, connected or not: a client that connects and never sends would otherwise hold a session
+# place forever. Long enough for ICE, DTLS and a browser's first packets on a slow link.
+FIRST_MEDIA_TIMEOUT = 10.0
+# What each driving role must send (the offer's directions say so before anything is started).
+SENDS = {"camera": ("audio", "video"), "microphone": ("audio",)}
 # Output kept for a sender that is slower than the session: a video frame is worth showing only
 # while it is fresh; audio is never dropped short of a second, a gap is audible.
 VIDEO_BACKLOG = 2
@@ -306,8 +312,11 @@ class Peer:
 
     The peer is gone when the connection fails or closes (a closed tab sends a DTLS close), when
     one of its tracks ends, when its "stats" data channel closes, when it has not connected
-    within CONNECT_TIMEOUT, when the session's output ends, or, for a peer that drives its
-    session, when its media stopped arriving INPUT_TIMEOUT ago.
+    within CONNECT_TIMEOUT, or when the session's output ends. A peer that drives its session must
+    offer to send what its role needs (SENDS) and is also gone when no media has come
+    FIRST_MEDIA_TIMEOUT after the answer, or none for INPUT_TIMEOUT since the last: a session
+    place is never held by a peer that does not feed it. A viewer holds no place; it lives with
+    its connection.
     """
 
     ROLES = ("camera", "microphone", "viewer")
@@ -324,6 +333,7 @@ class Peer:
         self._tasks: set[asyncio.Task] = set()
         self._closing: asyncio.Task | None = None
         self._last_input: float | None = None
+        self._answered_at: float | None = None
         self.pc.on("connectionstatechange", self._on_state)
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
@@ -331,7 +341,8 @@ class Peer:
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Accept the offer; raises ValueError (for a 400) when it cannot be answered."""
         try:
-            for media in sdp.SessionDescription.parse(offer.sdp).media:
+            sections = sdp.SessionDescription.parse(offer.sdp).media
+            for media in sections:
                 # aiortc would accept this and fail the handshake later, leaving the peer waiting.
                 if media.dtls is None or not media.dtls.fingerprints:
                     raise ValueError(f"the {media.kind} section has no DTLS fingerprint or setup role")
@@ -343,6 +354,11 @@ class Peer:
         kinds = {t.kind for t in self.pc.getTransceivers()}
         if "video" not in kinds:
             raise ValueError("the offer has no video section: add a video transceiver to receive the face")
+        sent = {media.kind for media in sections if media.direction in ("sendrecv", "sendonly")}
+        missing = [kind for kind in SENDS.get(self.role, ()) if kind not in sent]
+        if missing:
+            raise ValueError(f"a {self.role} peer must send {' and '.join(missing)}: this offer only receives "
+                             "it (recvonly or inactive); use mode viewer to watch a session")
         self.pc.addTrack(self.output.video)
         if "audio" in kinds:
             self.pc.addTrack(self.output.audio)
@@ -350,6 +366,9 @@ class Peer:
             await self.session.start()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._spawn(self._expire_unless_connected())
+        if self.role != "viewer":
+            self._answered_at = time.monotonic()
+            self._spawn(self._expire_without_media())
         return self.pc.localDescription
 
     async def _expire_unless_connected(self) -> None:
@@ -369,14 +388,21 @@ class Peer:
         self._spawn(self._feed(track, use_video=track.kind == "video" and self.role == "camera"))
 
     def _arrived(self, at: float) -> None:
-        if self._last_input is None:
-            self._spawn(self._expire_when_silent())
         self._last_input = at
 
-    async def _expire_when_silent(self) -> None:
-        while time.monotonic() - self._last_input < INPUT_TIMEOUT:
-            await asyncio.sleep(0.25)
-        log.info("no media from the peer for %.0f s", INPUT_TIMEOUT)
+    async def _expire_without_media(self) -> None:
+        while True:
+            if self._last_input is None:
+                left = self._answered_at + FIRST_MEDIA_TIMEOUT - time.monotonic()
+            else:
+                left = self._last_input + INPUT_TIMEOUT - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(0.25, left))
+        if self._last_input is None:
+            log.info("no media from the peer %.0f s after its answer", FIRST_MEDIA_TIMEOUT)
+        else:
+            log.info("no media from the peer for %.0f s", INPUT_TIMEOUT)
         self.close_soon()
 
     async def _feed(self, track: MediaStreamTrack, use_video: bool) -> None:

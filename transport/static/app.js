@@ -6,6 +6,30 @@ const $ = (id) => document.getElementById(id);
 const state = { pc: null, local: null, stats: null, session: null, error: null };
 window.lipstream = state;
 
+// The server's access token (serve --token), asked for once when the server first answers 401 and
+// kept in this browser; every API call sends it. Several calls refused at once share one question.
+const TOKEN_KEY = "lipstream-token";
+let tokenAsked = null;
+
+function askForToken() {
+  tokenAsked = tokenAsked || Promise.resolve().then(() => {
+    const given = window.prompt("This lipstream server needs its access token:");
+    if (given) localStorage.setItem(TOKEN_KEY, given.trim());
+  });
+  return tokenAsked;
+}
+
+async function api(path, init = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const headers = new Headers(init.headers || {});
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    const reply = await fetch(path, { ...init, headers });
+    if (reply.status !== 401 || attempt > 0) return reply;
+    await askForToken();
+  }
+}
+
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
@@ -22,14 +46,14 @@ async function listDevices() {
 }
 
 async function listAvatars(select) {
-  const avatars = await (await fetch("/avatars")).json();
+  const avatars = await (await api("/avatars")).json();
   $("avatar").replaceChildren(...avatars.map((a) =>
     new Option(`${a.name} (${a.width}x${a.height}, ${a.frames} frame${a.frames > 1 ? "s" : ""})`, a.avatar)));
   if (select) $("avatar").value = select;
 }
 
 async function listSessions() {
-  const { sessions } = await (await fetch("/sessions")).json();
+  const { sessions } = await (await api("/sessions")).json();
   $("session").replaceChildren(...Object.values(sessions).map((s) =>
     new Option(`${s.session} (${s.kind}, ${s.viewers} watching)`, s.session)));
 }
@@ -40,7 +64,7 @@ async function upload() {
   const form = new FormData();
   form.append("file", file);
   setStatus(`checking ${file.name}...`);
-  const reply = await fetch("/avatar", { method: "POST", body: form });
+  const reply = await api("/avatar", { method: "POST", body: form });
   const body = await reply.json();
   if (!reply.ok) return setStatus(body.error, true);
   await listAvatars(body.avatar);
@@ -63,7 +87,7 @@ async function connect() {
   $("connect").disabled = true;
   setStatus("connecting...");
   try {
-    const { iceServers } = await (await fetch("/ice")).json();
+    const { iceServers } = await (await api("/ice")).json();
     const pc = new RTCPeerConnection({ iceServers });
     state.pc = pc;
     if (mode === "viewer") {  // watch only: nothing of ours is sent
@@ -93,7 +117,7 @@ async function connect() {
 
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
-    const reply = await fetch("/offer", {
+    const reply = await api("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, mode,

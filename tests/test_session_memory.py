@@ -1,0 +1,55 @@
+"""Memory a server keeps after its sessions: short WebRTC avatar sessions one after another (a real
+aiortc peer, the real tiny model), the resident set of this process, where the server runs, measured
+after each once the session is freed.
+
+``LIPSTREAM_TEST_SESSIONS`` sets how many (default 20, about a minute on 2 cores; the README's figure
+is for 50)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import time
+
+import aiohttp
+import pytest
+
+from media_helpers import LOOPBACK_ICE, ServerThread, make_camera_files
+from test_server_limits import resident_mb
+from test_webrtc_server import Client
+
+SESSIONS = int(os.environ.get("LIPSTREAM_TEST_SESSIONS", 20))
+FRAMES = 25  # a second of output each
+GROWTH = 0.15
+
+
+@pytest.fixture(scope="module")
+def camera_files(media, tmp_path_factory):
+    return make_camera_files(media / "speaker_wide.mp4", tmp_path_factory.mktemp("camera"), seconds=3)
+
+
+def test_resident_memory_stays_put_across_sequential_sessions(media, camera_files):
+    with ServerThread(max_sessions=1, avatar=str(media / "portrait.png")) as server:
+        async def sessions() -> list[float]:
+            LOOPBACK_ICE.install(asyncio.get_running_loop())
+            after = []
+            async with aiohttp.ClientSession() as http:
+                for _ in range(SESSIONS):
+                    client = Client(server.url, "avatar", camera_files)
+                    try:
+                        await client.connect(http)
+                        await client.wait_for_frames(FRAMES, 60)
+                    finally:
+                        await client.close()
+                    await asyncio.to_thread(server.wait_until_idle, 10)
+                    gc.collect()
+                    after.append(resident_mb())
+            return after
+
+        started = time.monotonic()
+        after = asyncio.run(sessions())
+    first, last = after[0], after[-1]
+    print(f"resident MB after each of {SESSIONS} sessions ({time.monotonic() - started:.0f} s): "
+          + " ".join(f"{mb:.0f}" for mb in after) + f"; last/first {last / first:.3f}")
+    assert last <= first * (1 + GROWTH), f"{first:.0f} MB after the first session, {last:.0f} MB after {SESSIONS}"
