@@ -184,6 +184,9 @@ def _arguments() -> argparse.ArgumentParser:
                        help="torch threads per call (default: 1 for live work on a CPU, whose stages and sessions "
                                   "already run in threads of their own; torch's default for a file job)")
     serve.add_argument("--vae", choices=["kl", "tiny"], default="kl", help="as for `file` (default: kl)")
+    serve.add_argument("--batch", type=int, metavar="N",
+                       help="share the model among sessions through one worker that batches their windows, up to N "
+                            "per U-Net call (0: each session calls the model itself; default: 8 on a GPU, 0 on a CPU)")
     serve.add_argument("--checkpoints", metavar="DIR", help="official weights (see `file --help`)")
     serve.add_argument("--max-sessions", type=int, default=4,
                        help="live sessions at once; past it /offer answers 503 (default: 4)")
@@ -238,6 +241,17 @@ def _torch_threads(args: argparse.Namespace, lipsync, live: bool) -> None:
         torch.set_num_threads(1)
 
 
+def _share_model(args: argparse.Namespace, lipsync) -> None:
+    """--batch: a model worker for a server's sessions (stream/model_worker.py). On by default on a
+    GPU, where one window at a time leaves most of the card idle; off on a CPU, where a batch costs
+    what its windows cost one by one (README, 'Many sessions on one model')."""
+    batch = args.batch if args.batch is not None else (8 if lipsync.device.type == "cuda" else 0)
+    if batch < 0:
+        raise UserError("--batch must be 0 (off) or more")
+    if batch:
+        lipsync.share_model(max_batch=batch)
+
+
 def _mqtt_settings(args: argparse.Namespace):
     """The MQTT bridge's settings from --mqtt and its options, or None; raises ValueError."""
     from transport.mqtt import MqttSettings
@@ -285,6 +299,7 @@ def _serve(args: argparse.Namespace) -> None:
         lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
                                       args.precision, checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)
+        _share_model(args, lipsync)
     except (ValueError, ConfigError, WeightsUnavailable) as exc:
         raise UserError(str(exc).replace("\n", " ")) from None
     try:
