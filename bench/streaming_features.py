@@ -114,6 +114,19 @@ def after_marks(frames: np.ndarray, context: float) -> np.ndarray:
     return (times >= SEGMENT_ROWS / 50) & (since_mark < context + 1)
 
 
+def window_gflop(encoder: WhisperEncoder, features: StreamingFeatures) -> float:
+    """GFLOP of one encoder call on a full window (context + extra look-ahead): the cost, whatever
+    else the machine runs (ms/call on a shared machine moves by several times between calls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frames = int(round(features.context_seconds * 100)) + round((features.look_ahead - RIGHT_CONTEXT_SECONDS) * 100)
+    parameter = next(encoder.parameters())
+    mel = torch.ones(1, encoder.dims.n_mels, frames, dtype=parameter.dtype, device=parameter.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder(mel)
+    return counter.get_total_flops() / 1e9
+
+
 def compare(encoder: WhisperEncoder, audio: np.ndarray, contexts: list[float], look_aheads: list[float],
             stride: int, every: int = 1) -> list[dict]:
     """One row per (context, look-ahead): per-layer and whole-chunk cosine mean and p10, cost."""
@@ -137,7 +150,7 @@ def compare(encoder: WhisperEncoder, audio: np.ndarray, contexts: list[float], l
                 "layer_mean": by_layer.mean(1).tolist(), "layer_p10": np.percentile(by_layer, 10, axis=1).tolist(),
                 "mean": float(whole.mean()), "p10": float(np.percentile(whole, 10)),
                 "marks_mean": float(whole[marks].mean()) if marks.any() else None,
-                "frames": len(frames), "ms_per_call": 1000 * seconds})
+                "frames": len(frames), "gflop_per_call": window_gflop(encoder, live), "ms_per_call": 1000 * seconds})
     return results
 
 
@@ -145,13 +158,14 @@ def table(clip: str, rows: list[dict]) -> str:
     """A markdown table: cosine mean / p10 per layer and over the chunk."""
     layers = len(rows[0]["layer_mean"])
     head = (["clip", "context s", "look-ahead s (+latency ms)"] + [f"L{i}" for i in range(layers)]
-            + ["chunk mean / p10", "after 30 s marks", "ms/call"])
+            + ["chunk mean / p10", "after 30 s marks", "GFLOP/call", "ms/call"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in rows:
         cells = [clip, f"{row['context_s']:g}", f"{row['look_ahead_s']:.4g} (+{row['added_latency_ms']:.0f})"]
         cells += [f"{m:.3f} / {p:.3f}" for m, p in zip(row["layer_mean"], row["layer_p10"])]
         cells += [f"**{row['mean']:.3f}** / {row['p10']:.3f}",
-                  "-" if row["marks_mean"] is None else f"{row['marks_mean']:.3f}", f"{row['ms_per_call']:.0f}"]
+                  "-" if row["marks_mean"] is None else f"{row['marks_mean']:.3f}",
+                  f"{row['gflop_per_call']:.1f}", f"{row['ms_per_call']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
