@@ -1,15 +1,24 @@
-"""Whisper features for a live stream: a sliding window instead of 30 s segments.
+"""Whisper features for a live stream: a sliding window inside upstream's 30 s segments.
 
-Offline, LatentSync encodes 30 s segments and floors the mel at the loudest value of the whole
-clip; neither exists live. Here each call encodes only the last ``context_seconds`` of audio that
-has arrived, floors the mel at the loudest value heard so far, and gives the window's rows the
-positional embeddings they would have had offline (row r of the stream sits at position
-r mod 1500 of its 30 s segment). A frame's chunk reaches 120 ms past the frame, so frame i is
-ready once audio up to t_i + 120 ms (+ half an STFT window) is in.
+Offline, LatentSync encodes the clip in 30 s segments (positions 0..1499 each, restarting at every
+segment) and floors the mel at the loudest value of the whole clip. Live, each call encodes only a
+window: ``context_seconds`` of audio before the end of the frames' chunks plus ``look_ahead``
+beyond the chunks' own reach, and floors the mel at the loudest value heard so far.
+
+The window keeps offline's segments: it never crosses a 30 s mark (offline, no row sees audio of
+another segment), and its rows take the positions they have offline, row r at r mod 1500. A batch
+of chunks that straddles a mark is encoded as two windows, one per segment (once per 30 s). So the
+window at minute 10 is placed exactly like the one at second 5, and frames just after a mark see
+what offline's see there: only the audio since the mark. (Squeezing a straddling window's positions
+to the end of the table instead cost 0.1-0.2 of cosine for a context's worth of frames after each mark.)
+
+A frame's chunk reaches 120 ms past the frame, so frame i is ready once audio up to
+t_i + ``look_ahead`` (at least 122.5 ms: the chunk's rows plus half an STFT window) is in.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 
@@ -17,10 +26,11 @@ import numpy as np
 import torch
 
 from models.whisper_encoder import SEGMENT_FRAMES, WhisperEncoder
-from stream.audio_features import SAMPLE_RATE, chunk_rows, log10_mel, normalise_mel
+from stream.audio_features import FEATURE_RATE, SAMPLE_RATE, chunk_rows, log10_mel, normalise_mel
 from stream.frames import Control, FaceFrame
 
 HOP = 160  # samples per mel frame
+SEGMENT_ROWS = SEGMENT_FRAMES // 2  # encoder rows per 30 s segment (and positions in the table)
 # A mel frame is centred on its hop and reaches 200 samples (half the FFT) past it.
 STFT_REACH = 200
 # Chunk rows reach 5 rows (= 10 mel frames) past the frame's own row, plus one frame to centre on.
@@ -31,15 +41,44 @@ CHUNK_REACH_BACK = 0.08 + max(STFT_REACH / SAMPLE_RATE, 512 / SAMPLE_RATE) + 0.0
 
 
 class StreamingFeatures:
+    """Push 16 kHz audio as it arrives; ask for the chunks of frames that ``ready_until`` allows.
+
+    ``context_seconds``: audio the encoder sees before the end of the frames' chunks (its cost
+    grows with it). ``look_ahead``: seconds of audio past a frame that its chunk waits for, from
+    the chunk's own ``RIGHT_CONTEXT_SECONDS`` up; what is past the chunk's reach is seen by the
+    encoder's attention only, and every extra second is a second more latency.
+    """
+
     def __init__(self, encoder: WhisperEncoder, fps: int = 25, context_seconds: float = 2.0,
-                 align_positions: bool = True):
+                 look_ahead: float = RIGHT_CONTEXT_SECONDS):
         self.encoder = encoder
         self.fps = fps
-        self.context_mel = int(context_seconds * SAMPLE_RATE / HOP) // 2 * 2
-        self.align_positions = align_positions
+        self.context_seconds = context_seconds
+        self.look_ahead = look_ahead
         self._samples = np.zeros(0, np.float32)
         self._first_sample = 0  # stream index of _samples[0]
         self._ceiling = -np.inf  # loudest log10 mel value heard so far
+
+    @property
+    def context_seconds(self) -> float:
+        return self._context_mel * HOP / SAMPLE_RATE
+
+    @context_seconds.setter
+    def context_seconds(self, seconds: float) -> None:
+        self._context_mel = int(seconds * SAMPLE_RATE / HOP) // 2 * 2
+
+    @property
+    def look_ahead(self) -> float:
+        """Seconds past a frame its chunk waits for: the chunk's own reach plus whole 20 ms rows."""
+        return RIGHT_CONTEXT_SECONDS + self._extra_rows / FEATURE_RATE
+
+    @look_ahead.setter
+    def look_ahead(self, seconds: float) -> None:
+        # Whole 20 ms rows, rounded up (a hair of slack for float input): at least what was asked.
+        extra = math.ceil((seconds - RIGHT_CONTEXT_SECONDS) * FEATURE_RATE - 1e-6)
+        if extra < 0:
+            raise ValueError(f"look_ahead {seconds} s is below the chunk's own {RIGHT_CONTEXT_SECONDS} s")
+        self._extra_rows = extra
 
     @property
     def received_seconds(self) -> float:
@@ -48,7 +87,7 @@ class StreamingFeatures:
     def push(self, samples_16k: np.ndarray) -> None:
         self._samples = np.concatenate([self._samples, samples_16k.astype(np.float32)])
         # Keep what the next window can reach: its mel frames plus the STFT margin before them.
-        keep = (self.context_mel + 8) * HOP
+        keep = (self._context_mel + 2 * self._extra_rows + 8) * HOP
         if len(self._samples) > keep:
             drop = (len(self._samples) - keep) // HOP * HOP
             self._samples = self._samples[drop:]
@@ -56,19 +95,40 @@ class StreamingFeatures:
 
     def ready_until(self) -> int:
         """Frames [0, n) can be chunked with the audio received so far."""
-        seconds = self.received_seconds - RIGHT_CONTEXT_SECONDS
+        seconds = self.received_seconds - self.look_ahead
         return max(0, int(np.floor(seconds * self.fps)) + 1) if seconds >= 0 else 0
 
-    @torch.no_grad()
     def chunks(self, frames: list[int]) -> np.ndarray | None:
         """(len(frames), 50, C) chunks for frames that are ready (``ready_until``); at the end of a
-        stream, frames past the audio repeat its last rows. None before 20 ms of audio exist."""
-        rows = chunk_rows(np.asarray(frames), self.fps)
-        total_mel = (self._first_sample + len(self._samples)) // HOP
-        end_mel = min(total_mel, 2 * int(rows.max()) + 2) // 2 * 2
+        stream, frames past the audio repeat its last rows. None before 20 ms of audio exist, and
+        for frames whose window has already left the buffer (a stage that fell behind)."""
+        total_rows = (self._first_sample + len(self._samples)) // HOP // 2
+        if total_rows < 1:
+            return None
+        rows = np.clip(chunk_rows(np.asarray(frames), self.fps), 0, total_rows - 1)  # upstream clamps too
+        segments = rows // SEGMENT_ROWS
+        out = None
+        for segment in np.unique(segments):
+            here = segments == segment
+            window = self._encode_window(int(rows[here].max()), total_rows)
+            if window is None:
+                return None
+            first_row, features = window
+            if out is None:
+                out = np.empty(rows.shape + features.shape[1:], features.dtype)
+            out[here] = features[np.clip(rows[here] - first_row, 0, len(features) - 1)]
+        return out.reshape(len(frames), -1, out.shape[-1])
+
+    @torch.no_grad()
+    def _encode_window(self, last_row: int, total_rows: int) -> tuple[int, np.ndarray] | None:
+        """(first row, features (rows, layers, C)) of the window that ends ``look_ahead`` past
+        ``last_row``, within ``last_row``'s 30 s segment and the audio still buffered (None when
+        that audio is gone)."""
+        segment_start = last_row // SEGMENT_ROWS * SEGMENT_FRAMES
+        end_mel = 2 * min(last_row + 1 + self._extra_rows, total_rows, segment_start // 2 + SEGMENT_ROWS)
         # The window may not reach back past the audio still buffered (plus two hops of STFT margin).
         oldest_mel = -(-(self._first_sample + 2 * HOP) // HOP) if self._first_sample else 0
-        start_mel = -(-max(oldest_mel, end_mel - self.context_mel) // 2) * 2
+        start_mel = -(-max(oldest_mel, end_mel - self._context_mel - 2 * self._extra_rows, segment_start) // 2) * 2
         if end_mel - start_mel < 2:
             return None
         # Two hops of audio before the window make its first mel frames exact, not reflect-padded.
@@ -78,13 +138,10 @@ class StreamingFeatures:
         raw = raw[:, start_mel - first // HOP : end_mel - first // HOP]
         self._ceiling = max(self._ceiling, float(raw.max()))
         mel = torch.from_numpy(normalise_mel(raw, self._ceiling))
-        position = (start_mel // 2) % (SEGMENT_FRAMES // 2) if self.align_positions else 0
-        position = min(position, SEGMENT_FRAMES // 2 - mel.shape[1] // 2)
         parameter = next(self.encoder.parameters())
+        position = (start_mel - segment_start) // 2
         layers = self.encoder(mel[None].to(parameter.device, parameter.dtype), position)[0]
-        features = layers.transpose(0, 1).float().cpu().numpy()  # (rows, layers, C)
-        local = np.clip(rows - start_mel // 2, 0, len(features) - 1)
-        return features[local].reshape(len(frames), -1, features.shape[-1])
+        return start_mel // 2, layers.transpose(0, 1).float().cpu().numpy()
 
 
 class StreamingAudio:
@@ -92,17 +149,19 @@ class StreamingAudio:
 
     Audio comes in through ``push`` from any thread; frames come through the pipeline. A frame
     whose audio is ``audio_timeout`` seconds overdue (a muted or vanished microphone) goes on as
-    silence rather than stalling the video. With ``vad`` on, Silero decides per frame whether
+    silence rather than stalling the video; overdue counts from the tick plus the look-ahead past the
+    chunk's own, which is waited for on purpose. With ``vad`` on, Silero decides per frame whether
     there is speech; ``speech`` fades between 0 and 1 over ``fade_frames`` at each transition.
     """
 
     name = "audio"
 
     def __init__(self, encoder: WhisperEncoder, fps: int = 25, context_seconds: float = 2.0,
-                 vad: bool = True, fade_frames: int = 3, audio_timeout: float = 0.5, batch: int = 1):
+                 vad: bool = True, fade_frames: int = 3, audio_timeout: float = 0.5, batch: int = 1,
+                 look_ahead: float = RIGHT_CONTEXT_SECONDS):
         from stream.vad import StreamingVad
 
-        self.features = StreamingFeatures(encoder, fps, context_seconds)
+        self.features = StreamingFeatures(encoder, fps, context_seconds, look_ahead)
         self.vad = StreamingVad() if vad else None
         self.fade_step = 1.0 / max(fade_frames, 1)
         self.audio_timeout = audio_timeout
@@ -144,7 +203,8 @@ class StreamingAudio:
         def overdue(frame: FaceFrame) -> bool:
             """Its audio is not in and should have been long ago: the microphone stalled."""
             due = frame.frame.trace.due_at
-            return frame.frame.index >= ready and due is not None and now - due > self.audio_timeout
+            patience = self.audio_timeout + self.features.look_ahead - RIGHT_CONTEXT_SECONDS
+            return frame.frame.index >= ready and due is not None and now - due > patience
 
         release = 0  # frames leave in order: the leading run whose audio is in (or given up on)
         while release < len(self._pending) and (final or self._pending[release].frame.index < ready
@@ -176,7 +236,8 @@ class StreamingAudio:
             options = command.value
             self.fade_step = 1.0 / options.fade_frames
             self.batch = options.stride
-            self.features.context_mel = int(options.context_seconds * SAMPLE_RATE / HOP) // 2 * 2
+            self.features.context_seconds = options.context_seconds
+            self.features.look_ahead = options.look_ahead
 
     def _next_speech(self, frame: FaceFrame) -> float:
         if frame.frame.pts < self._quiet_until:

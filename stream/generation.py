@@ -136,7 +136,8 @@ class Generation:
         if command.kind in ("interrupt", "avatar"):  # no latents carried into what follows
             self._ring.clear()
         elif command.kind == "options":
-            self.late_after = command.value.late_after
+            self.late_after = command.value.window_late_after
+            self.budget = self.late_after or LATENCY_BUDGET
 
     def _forget_before(self, index: int) -> None:
         for stale in [i for i in self._ring if i < index]:

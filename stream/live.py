@@ -118,7 +118,8 @@ class LiveSession:
         self._to_prepare = avatar if self._prepares and not isinstance(avatar, PreparedAvatar) else None
         self._switching: asyncio.Future | None = None
         self._audio_stage = StreamingAudio(lipsync.audio_encoder, self.fps, self.options.context_seconds,
-                                           self.options.vad, self.options.fade_frames, batch=self.options.stride)
+                                           self.options.vad, self.options.fade_frames, batch=self.options.stride,
+                                           look_ahead=self.options.look_ahead)
         self._record = record
         self._queue_size = queue_size
         # A program's audio is placed exactly where the pacer says; what arrives is placed by arrival.
@@ -336,7 +337,7 @@ class LiveSession:
         self._sink = _OutputSink(loop, self._outputs, limit=4 * self.fps)
         face = AvatarFaces(self._avatar) if isinstance(self._avatar, PreparedAvatar) else None
         self.stages = self.lipsync.stages(self._audio_stage, self._sink, stride=self.options.stride,
-                                          late_after=self.options.late_after, record=self._record, face=face)
+                                          late_after=self.options.window_late_after, record=self._record, face=face)
         self.generation: Generation = LipSync.find(self.stages, Generation)
         self.faces = LipSync.find(self.stages, (FaceTracking, AvatarFaces))
         self._pipeline = Pipeline(self.stages, self._queue_size)

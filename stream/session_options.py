@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from stream.audio_stream import RIGHT_CONTEXT_SECONDS
+
 
 class OptionError(ValueError):
     """A session option or audio format that cannot be used: the message says which and why."""
@@ -47,7 +49,11 @@ class SessionOptions:
     ``late_after``: seconds after which a window passes through unchanged (None: never).
     ``vad``: gate the model with voice activity (silence shows the original face).
     ``fade_frames``: cross-fade length at speech/silence transitions.
-    ``context_seconds``: audio the streaming Whisper encoder sees per call.
+    ``context_seconds``: audio the streaming Whisper encoder sees per call, before a frame's chunk ends.
+    ``look_ahead``: seconds of audio past a frame that its features wait for, from the chunk's own
+    0.1225 up to 1 (in whole 20 ms rows, rounded up); each second past 0.1225 adds a second of
+    latency and is seen by the encoder's attention (README, "Live audio features", has the measured
+    similarity per layer).
     ``buffer_seconds``: how much program audio (avatar sessions) may wait to be played.
     """
 
@@ -56,6 +62,7 @@ class SessionOptions:
     vad: bool = True
     fade_frames: int = 3
     context_seconds: float = 2.0
+    look_ahead: float = RIGHT_CONTEXT_SECONDS
     buffer_seconds: float = 60.0
 
     def __post_init__(self) -> None:
@@ -67,6 +74,10 @@ class SessionOptions:
             raise OptionError(f"option 'fade_frames': {self.fade_frames} is not in 1..25")
         if not 0.5 <= self.context_seconds <= 30:
             raise OptionError(f"option 'context_seconds': {self.context_seconds} is not in 0.5..30")
+        # a hair of slack below the chunk's reach, so that a client's literal 0.1225 is taken
+        if not RIGHT_CONTEXT_SECONDS - 1e-9 <= self.look_ahead <= 1:
+            raise OptionError(f"option 'look_ahead': {self.look_ahead} is not in "
+                              f"{RIGHT_CONTEXT_SECONDS}..1 seconds (the chunk's own reach to 1 s)")
         if not 1 <= self.buffer_seconds <= 600:
             raise OptionError(f"option 'buffer_seconds': {self.buffer_seconds} is not in 1..600")
 
@@ -80,6 +91,12 @@ class SessionOptions:
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def window_late_after(self) -> float | None:
+        """``late_after`` as the model stage judges it from a frame's tick: the look-ahead past the
+        chunk's own is waited for on purpose, so it is not lateness."""
+        return None if self.late_after is None else self.late_after + self.look_ahead - RIGHT_CONTEXT_SECONDS
 
 
 # The JSON types a field accepts, from its annotation (ints are fine where a float is wanted; a

@@ -103,6 +103,31 @@ def test_streamed_features_never_look_ahead(speech):
     assert np.array_equal(chunks(audio, 41), chunks(louder_future, 41))
 
 
+def test_look_ahead_waits_for_and_sees_audio_past_the_chunk(speech):
+    encoder = seeded_encoder(WhisperDims(**load_config("tiny")["whisper"]))
+    audio = speech[0][:40000]  # 2.5 s
+    louder = audio.copy()
+    louder[28000:] = np.random.default_rng(0).normal(0, 0.9, len(audio) - 28000)  # from 1.75 s on
+
+    def frame_40(samples, look_ahead):
+        streaming = StreamingFeatures(encoder, look_ahead=look_ahead)
+        streaming.push(samples)
+        return streaming, streaming.chunks([40])
+
+    default, chunk = frame_40(audio, 0.1225)
+    later, chunk_ahead = frame_40(audio, 0.6225)
+    # Frame i waits for audio to t_i + look_ahead (frames 0..59 are ready by 2.5 s, 0..46 with 0.5 s more).
+    assert (default.ready_until(), later.ready_until()) == (int((2.5 - 0.1225) * 25) + 1, int((2.5 - 0.6225) * 25) + 1)
+    assert later.look_ahead == pytest.approx(0.6225, abs=1e-9)
+    assert default.chunks([0]) is None  # 2.5 s in, frame 0's window has left the 2 s buffer
+    # Frame 40 (1.6 s): with the chunk's own reach, audio after 1.7225 s cannot change it (exact:
+    # the encoder sees the same samples); with 0.5 s more, the attention sees the louder audio.
+    assert np.array_equal(frame_40(louder, 0.1225)[1], chunk)
+    moved = np.abs(frame_40(louder, 0.6225)[1] - chunk_ahead).max()
+    assert moved > 0.01, moved
+    assert not np.allclose(chunk, chunk_ahead, rtol=0, atol=1e-3)  # a different window, other features
+
+
 def run_windows(lipsync, frames, stride):
     generation = Generation(lipsync.generator, record=True)
     windows = Windowing(16, stride)

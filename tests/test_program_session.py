@@ -179,6 +179,20 @@ def test_options_and_formats_are_checked_once_for_every_transport():
     assert SessionOptions().updated({"stride": 8}).stride == 8
 
 
+def test_look_ahead_option_is_checked_and_moves_lateness_with_it():
+    assert SessionOptions().look_ahead == pytest.approx(0.1225, abs=1e-12)  # the chunk's own reach
+    assert SessionOptions.from_json({"look_ahead": 0.1225}).look_ahead == pytest.approx(0.1225, abs=1e-9)
+    for bad in (0.1, 1.5):
+        with pytest.raises(OptionError, match="'look_ahead'"):
+            SessionOptions.from_json({"look_ahead": bad})
+    with pytest.raises(OptionError, match="'look_ahead': '0.5' is not a int or float"):
+        SessionOptions.from_json({"look_ahead": "0.5"})
+    # waiting for look-ahead is not lateness: the model stage's bound grows by the extra wait
+    options = SessionOptions.from_json({"look_ahead": 0.6225, "late_after": 0.4})
+    assert options.window_late_after == pytest.approx(0.9, abs=1e-9)
+    assert SessionOptions(late_after=None, look_ahead=0.5).window_late_after is None
+
+
 def test_the_manager_counts_every_session_once(portrait):
     manager = SessionManager(tiny_lipsync(), max_sessions=2)
     manager.create("camera")
