@@ -274,6 +274,9 @@ def _access_settings(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from transport.process_memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first: the models' loading already makes threads (transport/process_memory.py)
     from models.weights import WeightsUnavailable
     from stream.avatar_prep import default_cache_dir
     from stream.config import ConfigError, load_config, with_vae

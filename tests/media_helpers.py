@@ -10,6 +10,8 @@ import asyncio
 import functools
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -28,6 +30,8 @@ from stream.pipeline import LipSync
 from transport.files import read_audio
 from transport.server import LipstreamServer, ServeSettings, listen
 from transport.webrtc import IceSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 LOOPBACK_ICE = IceSettings(hosts=("127.0.0.1",))
 # (width, height): small enough for 2 cores to decode, lip-sync and re-encode at 25 fps.
@@ -112,7 +116,47 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServerThread:
+class ServerRequests:
+    """Plain HTTP requests to a server at ``self.url``, and waiting for it to be idle."""
+
+    url: str
+
+    def request(self, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = 30) -> tuple[int, dict]:
+        """(status, JSON body) of a GET (or a POST with ``body``), errors included."""
+        request = urllib.request.Request(self.url + path, data=body, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def post_json(self, path: str, payload, timeout: float = 30) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request(path, body, {"Content-Type": "application/json"}, timeout)
+
+    def post_file(self, path: str, name: str, data: bytes, content_type: str) -> tuple[int, dict]:
+        boundary = "lipstream-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        return self.request(path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def sessions(self) -> dict:
+        return self.request("/sessions")[1]
+
+    def wait_until_idle(self, timeout: float) -> float:
+        """Seconds until no session is active; raises AssertionError past ``timeout``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.sessions()["active"] == 0:
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"sessions still active after {timeout} s: {self.sessions()}")
+
+
+
+
+class ServerThread(ServerRequests):
     """``transport.server`` on its own event loop in a daemon thread, bound to 127.0.0.1."""
 
     def __init__(self, **settings) -> None:
@@ -148,37 +192,44 @@ class ServerThread:
         self._ready.set()
         self._loop.run_forever()
 
-    def request(self, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 30) -> tuple[int, dict]:
-        """(status, JSON body) of a GET (or a POST with ``body``), errors included."""
-        request = urllib.request.Request(self.url + path, data=body, headers=headers or {})
+
+class ServerProcess(ServerRequests):
+    """``run_stream.py serve --config tiny`` in a process of its own, bound to 127.0.0.1: measured
+    from outside, as a user runs it (its resident set is its own, not the test process's)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._args = ["serve", "--config", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
+                      "--ice-host", "127.0.0.1", *args]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        self.process = subprocess.Popen([sys.executable, "run_stream.py", *self._args], cwd=REPO,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}")
+            try:
+                self.sessions()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("serve did not answer within 90 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
 
-    def post_json(self, path: str, payload, timeout: float = 30) -> tuple[int, dict]:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return self.request(path, body, {"Content-Type": "application/json"}, timeout)
-
-    def post_file(self, path: str, name: str, data: bytes, content_type: str) -> tuple[int, dict]:
-        boundary = "lipstream-test-boundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-                f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-        return self.request(path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-    def sessions(self) -> dict:
-        return self.request("/sessions")[1]
-
-    def wait_until_idle(self, timeout: float) -> float:
-        """Seconds until no session is active; raises AssertionError past ``timeout``."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.sessions()["active"] == 0:
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise AssertionError(f"sessions still active after {timeout} s: {self.sessions()}")
+    def resident_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
 class Viewer:

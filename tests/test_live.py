@@ -232,10 +232,11 @@ def test_silence_leaves_frames_untouched(lipsync, speech):
     assert generated and not [i for i in generated if 1.4 <= i / 25 <= 2.8]
     originals = {f.index: f.image for f in itertools.islice(read_video(SPEAKER, 25), 100)}
     # Well inside the silence (past the VAD's reach and the fade), frames are the originals: the
-    # camera picture a tick carries is the newest one pushed, which on a busy machine may lag.
+    # camera picture a tick carries is the newest one pushed, which on a busy machine may lag (by
+    # up to 6 frames seen with the machine's load at 8-11).
     for out in outputs:
         if 1.4 <= out.frame.pts <= 2.8:
             i = out.frame.index
-            assert any(np.array_equal(out.frame.image, originals[j]) for j in range(i - 3, i + 1)), i
+            assert any(np.array_equal(out.frame.image, originals[j]) for j in range(max(0, i - 8), i + 1)), i
     generated = session.generation.frames_generated
     assert 0 < generated < 100 - 25
