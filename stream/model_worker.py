@@ -107,6 +107,11 @@ class ModelWorker:
         with self._cond:
             return len(self._pending)
 
+    def mean_batch_size(self) -> float:
+        sizes = dict(self.batch_sizes)  # one copy: the worker thread adds to it meanwhile
+        calls = sum(sizes.values())
+        return sum(size * count for size, count in sizes.items()) / calls if calls else 0.0
+
     def stats(self) -> dict:
         return {"max_batch": self.max_batch, "jobs_done": self.jobs_done,
                 "busy_seconds": round(self.busy_seconds, 3),

@@ -159,11 +159,15 @@ class ServerRequests:
 class ServerThread(ServerRequests):
     """``transport.server`` on its own event loop in a daemon thread, bound to 127.0.0.1."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, batch: int = 0, **settings) -> None:
+        """``batch``: as ``serve --batch``, a model worker batching up to that many windows (0: none)."""
         settings = {"host": "127.0.0.1", "port": free_port(), "ice": LOOPBACK_ICE, **settings}
         self.settings = ServeSettings(**settings)
         self.url = f"http://127.0.0.1:{self.settings.port}"
-        self.server = LipstreamServer(tiny_lipsync(), self.settings)
+        lipsync = tiny_lipsync()
+        if batch:
+            lipsync.share_model(max_batch=batch)
+        self.server = LipstreamServer(lipsync, self.settings)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lipstream-server", daemon=True)

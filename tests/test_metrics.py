@@ -1,7 +1,8 @@
 """GET /metrics during a program session fed over its WebSocket, and after it closed; the latency
 histogram; the JSON-lines log formatter.
 
-Runs the real tiny model on loopback (tests/media_helpers.ServerThread).
+Runs the real tiny model on loopback (tests/media_helpers.ServerThread), its model calls through a
+model worker as ``serve --batch 2`` makes them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TIMEOUT = 90
 
 @pytest.fixture(scope="module")
 def server(media):
-    with ServerThread(max_sessions=2, avatar=str(media / "portrait.png")) as running:
+    with ServerThread(batch=2, max_sessions=2, avatar=str(media / "portrait.png")) as running:
         yield running
 
 
@@ -118,6 +119,9 @@ def test_metrics_follow_a_program_session_and_forget_it_when_it_closes(server, s
     assert value(during, "lipstream_mqtt_connected") == 1.0
     assert "lipstream_broken" not in during  # a gauge that cannot be read is left out, the rest served
     assert value(during, "process_resident_memory_bytes") > 0
+    assert value(during, "lipstream_model_worker_busy_seconds") > 0  # the session's windows ran there
+    assert value(during, "lipstream_model_worker_windows_per_call") >= 1
+    assert value(during, "lipstream_model_worker_queued") >= 0
 
     for family in after.values():
         assert not any(s.labels.get("session") == "m1" for s in family.samples), family

@@ -136,6 +136,15 @@ class LipstreamServer:
         limit_malloc_arenas()  # before any session's threads (transport/process_memory.py)
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
         self.manager.start_expiry()
+        worker = self.lipsync.worker
+        if worker is not None:  # serve --batch (stream/model_worker.py)
+            self.metrics.add_gauge("lipstream_model_worker_queued", lambda: float(worker.queued()),
+                                   "Model jobs of all sessions waiting for a batch")
+            self.metrics.add_gauge("lipstream_model_worker_busy_seconds", lambda: worker.busy_seconds,
+                                   "Seconds the model worker has spent running batches")
+            self.metrics.add_gauge("lipstream_model_worker_windows_per_call",
+                                   lambda: worker.mean_batch_size(),
+                                   "Windows per U-Net call, mean since the server started")
         if self.settings.mqtt is not None:
             self.mqtt = bridge = MqttBridge(self.manager, self.avatars, self.settings.mqtt, token=self.settings.token)
             bridge.start()
