@@ -22,7 +22,9 @@ it is measured (a run cut short keeps what it had):
    is captured, N rising until p95 latency (capture to decoded, every frame) passes 400 ms or the
    card falls behind; max_batch 1 (unbatched) against 8. It leaves out face tracking, audio
    features and compositing, which run on the CPU's cores beside the card.
-5. ``compiled`` (``--compile``, last because compiling takes minutes): the eager U-Net against
+5. ``deep_cache``: one 4-step denoise with guidance, the whole U-Net every step against DeepCache
+   reuse of the deep features between every 2nd, 3rd, 4th step (``sampler.deep_cache_interval``).
+6. ``compiled`` (``--compile``, last because compiling takes minutes): the eager U-Net against
    torch.compile, then "reduce-overhead" (CUDA graphs), for one fixed batch shape.
 """
 
@@ -177,6 +179,24 @@ def measure_compiled(config: dict, device: torch.device, dtype: torch.dtype, une
         synchronize(device)
         rows.append({"path": f"torch.compile {mode}", "compile_s": round(time.perf_counter() - started, 1),
                      "ms": round(1000 * timed(call, device, repeats), 2)})
+    return rows
+
+
+def measure_deep_cache(config: dict, device: torch.device, dtype: torch.dtype, unet, repeats: int) -> list[dict]:
+    """One denoise of 4 windows (4 steps, guidance 1.5), whole U-Net every step against DeepCache
+    reuse between every 2nd, 3rd and 4th step; and how far the reused result moves (random weights:
+    a bound on the arithmetic, not a judgement of quality)."""
+    model = build(config, TAESD, device, dtype, unet=unet, steps=4, guidance=1.5)
+    conditions, audio, known, carried = inputs(model, 4, device)
+    rows, reference = [], None
+    for interval in (1, 2, 3, 4):
+        model.deep_cache_interval = interval
+        ms = 1000 * timed(lambda: model.denoise_windows(conditions, audio, known, carried), device, repeats)
+        result = model.denoise_windows(conditions, audio, known, carried).float()[:, WINDOW - 4:]
+        reference = result if reference is None else reference
+        rows.append({"interval": interval, "ms": round(ms, 2),
+                     "mean_abs_change": round(float((result - reference).abs().mean()), 4),
+                     "mean_abs": round(float(reference.abs().mean()), 4)})
     return rows
 
 
@@ -335,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.device(device):
         unet = UNet3DConditionModel.from_config(first["unet"]).to(dtype).eval()
     set_attention(unet, sdpa=True)
+    if "deep_cache" not in skip:
+        report.add("deep_cache", measure_deep_cache(first, device, dtype, unet, repeats))
     if "costs" not in skip:
         report.add("costs", measure_costs(configs, device, dtype, unet, batches, repeats))
         report.add("predicted", predict(report.data["costs"]))

@@ -58,6 +58,6 @@ def build_models(config: dict, mask: torch.Tensor, device: torch.device, dtype: 
         unet, vae, audio_encoder = _loaded(config, files)
     else:
         raise ValueError(f"config {config['name']!r}: unknown weights source {source!r} (seeded or hub)")
-    generator = LipSyncModel(unet, vae, DDIMSampler(config["sampler"]), mask,
-                             seed=int(config.get("seed", 0)))
+    generator = LipSyncModel(unet, vae, DDIMSampler(config["sampler"]), mask, seed=int(config.get("seed", 0)),
+                             deep_cache_interval=int(config["sampler"].get("deep_cache_interval", 1)))
     return Models(generator.to(device, dtype).eval(), audio_encoder.to(device).eval())

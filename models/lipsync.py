@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.sampler import DDIMSampler
+from models.unet import DeepCache
 from models.vae import FaceVAE
 
 
@@ -32,8 +33,13 @@ class FaceGenerator(Protocol):
 
 class LipSyncModel(nn.Module):
     def __init__(self, unet: nn.Module, vae: FaceVAE, sampler: DDIMSampler, mask: torch.Tensor,
-                 seed: int = 1247):
+                 seed: int = 1247, deep_cache_interval: int = 1):
+        """``deep_cache_interval``: with N > 1, only every Nth denoising step runs the whole U-Net;
+        the steps between reuse its deep features (``models.unet.DeepCache``). 1: every step whole."""
         super().__init__()
+        if deep_cache_interval < 1:
+            raise ValueError(f"deep_cache_interval must be at least 1, not {deep_cache_interval}")
+        self.deep_cache_interval = deep_cache_interval
         self.unet = unet
         self.vae = vae
         self.sampler = sampler
@@ -101,21 +107,37 @@ class LipSyncModel(nn.Module):
         video = lambda x: x.permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, h, w) <-> (B, C, F, h, w)
         batch, frames, _, height, width = conditions.shape
         noise = self._noise(4, height, width).expand(batch, -1, frames, -1, -1)
-        replace = None
-        if any(carried):
-            positions = torch.arange(frames, device=noise.device)
-            mask = positions[None, :] < torch.tensor(carried, device=noise.device)[:, None]  # (B, F)
-            mask = mask[:, None, :, None, None]
-            known_video = video(known.to(noise))
-
-            def replace(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return torch.where(mask, self.sampler.add_noise(known_video, noise, t), latents)
-
+        renoise, restore = (self._carried(video(known.to(noise)), carried, noise) if any(carried)
+                            else (None, lambda latents: latents))
         audio = audio.to(self.mask.device, self.dtype)
-        result = self.sampler.sample(self.unet, noise, video(conditions.to(noise)), audio, replace)
-        if replace is not None:
-            result = torch.where(mask, known_video, result)
-        return video(result)
+        result = self.sampler.sample(self._denoiser(), noise, video(conditions.to(noise)), audio, renoise)
+        return video(restore(result))
+
+    def _carried(self, known: torch.Tensor, carried: list[int], noise: torch.Tensor):
+        """For (B, 4, F, h, w) ``known`` latents of which window b carries its first ``carried[b]``
+        frames: (re-noise them before each step, put them back clean at the end)."""
+        frames = known.shape[2]
+        positions = torch.arange(frames, device=noise.device)
+        mask = positions[None, :] < torch.tensor(carried, device=noise.device)[:, None]  # (B, F)
+        mask = mask[:, None, :, None, None]
+
+        def renoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask, self.sampler.add_noise(known, noise, t), latents)
+
+        return renoise, lambda latents: torch.where(mask, known, latents)
+
+    def _denoiser(self):
+        """The U-Net as one denoising loop calls it: whole, or with deep features reused between
+        every ``deep_cache_interval``-th step."""
+        if self.deep_cache_interval == 1:
+            return self.unet
+        cache, steps = DeepCache(), iter(range(1 << 30))
+
+        def denoise(sample: torch.Tensor, t: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+            cache.reuse = next(steps) % self.deep_cache_interval != 0
+            return self.unet(sample, t, audio, deep_cache=cache)
+
+        return denoise
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -135,3 +135,27 @@ def test_upstream_only_options_at_their_defaults_are_accepted(tiny_config):
     config = {**tiny_config["model_config"], "use_inflated_groupnorm": False, "class_embed_type": None,
               "_class_name": "UNet3DConditionModel"}
     assert UNet3DConditionModel.from_config(config).config["use_motion_module"] is True
+
+
+def test_deep_cache_reuse_step_on_the_same_input_equals_the_full_step(tiny_unet, io):
+    """A reuse step recomputes only the first level and feeds the kept deep features to the last up
+    block: on the input the full step saw, the result is the full step's (wiring of the skips), and
+    the levels below the first do not run."""
+    from models.unet import DeepCache
+
+    sample, t, audio = io["sample"], io["timestep"], io["encoder_hidden_states"]
+    assert sample.abs().mean() > 0.1
+    cache = DeepCache()
+    deep_calls = []
+    hook = tiny_unet.mid_block.register_forward_hook(lambda *_: deep_calls.append(1))
+    try:
+        with torch.no_grad():
+            full = tiny_unet(sample, t, audio, deep_cache=cache)
+            cache.reuse = True
+            reused = tiny_unet(sample, t, audio, deep_cache=cache)
+            shallow_changed = tiny_unet(sample * 0.5 + 0.3, t, audio, deep_cache=cache)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
+    assert deep_calls == [1]  # the whole step ran the mid block; the reuse steps did not
+    assert (shallow_changed - full).abs().mean() > 1e-3  # the first level is computed afresh

@@ -74,12 +74,19 @@ class DownBlock(_Level):
 
     def forward(self, video: torch.Tensor, temb: torch.Tensor,
                 audio: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        video, skips = self.layers(video, temb, audio)
+        if self.downsamplers is not None:
+            video = self.downsamplers[0](video)
+            skips.append(video)
+        return video, skips
+
+
+    def layers(self, video: torch.Tensor, temb: torch.Tensor,
+               audio: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The level's layers without its downsampler: its output at full size, and their skips."""
         skips = []
         for index in range(len(self.resnets)):
             video = self._layer(index, video, temb, audio)
-            skips.append(video)
-        if self.downsamplers is not None:
-            video = self.downsamplers[0](video)
             skips.append(video)
         return video, skips
 

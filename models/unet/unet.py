@@ -174,11 +174,13 @@ class UNet3DConditionModel(nn.Module):
         return self.conv_in.weight.device
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | None = None,
+                deep_cache: "DeepCache | None" = None) -> torch.Tensor:
         """Predicted noise (B, out_channels, F, H, W) for a (B, in_channels, F, H, W) sample.
 
         ``timestep``: a number, or a 0-d or (B,) tensor. ``encoder_hidden_states``: audio tokens per
         frame, (B, F, tokens, C) or flattened (B*F, tokens, C); ``None`` skips audio cross-attention.
+        ``deep_cache``: see ``DeepCache``.
         """
         batch, _, frames, _, _ = sample.shape
         audio = _audio_per_frame(encoder_hidden_states, batch, frames)
@@ -189,6 +191,10 @@ class UNet3DConditionModel(nn.Module):
         temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
 
         video = self.conv_in(sample)
+        if deep_cache is not None and deep_cache.reuse and deep_cache.features is not None:
+            _, first_skips = self.down_blocks[0].layers(video, temb, audio)
+            video = self.up_blocks[-1](deep_cache.features, [*first_skips[::-1], video], temb, audio, None)
+            return self.conv_out(F.silu(self.conv_norm_out(video)))
         skips = [video]
         for down in self.down_blocks:
             video, block_skips = down(video, temb, audio)
@@ -201,9 +207,26 @@ class UNet3DConditionModel(nn.Module):
             block_skips = skips[-consumed:][::-1]
             del skips[-consumed:]
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
+            if deep_cache is not None and up is self.up_blocks[-1]:
+                deep_cache.features = video
             video = up(video, block_skips, temb, audio, upsample_size)
 
         return self.conv_out(F.silu(self.conv_norm_out(video)))
+
+
+class DeepCache:
+    """DeepCache-style reuse of the deep features between denoising steps (Ma et al., 2023).
+
+    On a full step the U-Net keeps what enters its last up block (everything computed below the
+    first level); on a step with ``reuse`` set it runs only the first level's layers, for fresh
+    skips, and that last up block on the kept features. Adjacent steps change the deep features
+    little, and the first level is where the detail is. One per denoising loop: the kept tensor
+    belongs to that loop's batch.
+    """
+
+    def __init__(self) -> None:
+        self.features: torch.Tensor | None = None
+        self.reuse = False
 
 
 def _timesteps_per_video(timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
