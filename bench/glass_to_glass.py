@@ -616,16 +616,22 @@ async def _until(condition, timeout: float, failed=lambda: None) -> bool:
 
 
 async def probe(url: str, clip: Clip, regions: FaceRegions, speech: np.ndarray, seconds: float,
-                options: dict, http: aiohttp.ClientSession) -> Recording:
-    """Connect to the server at ``url`` as a camera peer, send ``seconds`` of media, record what comes back."""
+                options: dict, http: aiohttp.ClientSession, recording: Recording | None = None) -> Recording:
+    """Connect to the server at ``url`` as a camera peer, send ``seconds`` of media, record what comes back.
+
+    ``recording``: an empty one to fill (``Recording(round(seconds * FPS), clip.size)``), for a caller
+    that reads it while the probe runs (bench/soak.py); default: a new one.
+    """
     measured = round(seconds * FPS)
-    recording = Recording(measured, clip.size)
+    if recording is None:
+        recording = Recording(measured, clip.size)
     markers = marker_frames(measured)
     speech = speech.copy()
     insert_markers(speech, markers)
     clock = SendClock()
     camera = StampedCamera(clip, clock)
     microphone = MarkedMicrophone(speech, markers, clock)
+    camera.sent, microphone.marker_sent = recording.sent, recording.marker_sent  # readable while it runs
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     readers: list[asyncio.Task] = []
     try:
@@ -635,6 +641,7 @@ async def probe(url: str, clip: Clip, regions: FaceRegions, speech: np.ndarray, 
         channel.on("message", lambda message: setattr(recording, "stats", json.loads(message)))
         arrivals = {t.kind: PacketArrivals(t.receiver) for t in pc.getTransceivers()}
         prefetch = _jitter_prefetch(next(t.receiver for t in pc.getTransceivers() if t.kind == "audio"))
+        recording.audio_prefetch = prefetch
 
         def on_track(track) -> None:
             reader = (_read_video(track, arrivals["video"], clip, regions, recording) if track.kind == "video"
