@@ -17,7 +17,8 @@ one call:
 - A batch waits at most ``fill_wait`` seconds after its most urgent job arrived for others to join.
 - The worker never waits for a session: a job is queued only once complete, and its result is
   left for its session to collect. A stalled session costs the others nothing; a closed one has
-  its queued jobs dropped and the results of a batch in flight thrown away.
+  its queued jobs dropped and its jobs in the batch in flight failed at once (its thread is free;
+  the batch runs on for the others).
 
 Per-session state (the latent ring buffer, clocks) stays in the session's stages.
 """
