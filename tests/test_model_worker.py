@@ -146,7 +146,7 @@ def test_the_most_urgent_job_runs_first(model):
             client.deadline = deadline
             threads.append(threading.Thread(target=client.encode_condition, args=(faces[deadline],)))
             threads[-1].start()
-            wait_until(lambda n=deadline: worker.queued() == len(threads) - 1)
+            wait_until(lambda: worker.queued() == len(threads) - 1)
         gated.gate.set()
         for thread in threads:
             thread.join(timeout=30)
