@@ -11,7 +11,9 @@ a stall between the pipeline and the socket. This probe measures from outside, o
 - an aiortc peer (this process) sends camera + microphone in real time: the
   clip looped forward-backward at 25 fps, each picture stamped with its index in the top-left
   corner (``draw_stamp``), and the speech looped, with a chirp once a second aligned with the start
-  of a known frame's span (``insert_markers``);
+  of a known frame's span (``insert_markers``); each audio packet waits as long as a picture takes
+  to be encoded and sent (``SendDelay``), so that the two leave in sync, as a capturing device's
+  timestamps would put them;
 - without ``--url`` the server is started here, in a subprocess, on loopback only
   (``ServerProcess``), and stopped at the end;
 - what comes back is timed at the moment its packets reach this peer (``PacketArrivals``): a
@@ -56,11 +58,12 @@ import av
 import cv2
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp
+from aiortc.rtp import RtcpSrPacket
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from bench.make_clip import make_clip
 from transport.files import MediaError, read_audio, read_video
-from transport.webrtc import IceSettings
+from transport.webrtc import IceSettings, SendDelay
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
@@ -105,6 +108,7 @@ STALL_TIMEOUT = 5.0  # no video for this long once it flowed: the server has gon
 DRAIN_TIMEOUT = 6.0  # after the last measured frame was sent, how long its return may take
 MAX_CLIP_SECONDS = 20  # of --video kept in memory (then looped), ~110 MB at 374x398
 STATS_CHANNEL = "stats"
+REPORT_SPAN = 5.0  # s: the sender reports around a packet that may time it (``presented``)
 
 
 class ProbeError(RuntimeError):
@@ -384,10 +388,14 @@ class StampedCamera(MediaStreamTrack):
         super().__init__()
         self.clip, self.clock = clip, clock
         self.sent: list[float] = []  # time.monotonic() at which frame k left recv()
+        self.send_delay = SendDelay()  # the microphone waits as long, so that both leave together
 
     async def recv(self) -> av.VideoFrame:
+        self.send_delay.asked()
         index = len(self.sent)
-        await asyncio.sleep(max(0.0, self.clock.due(index / FPS) - time.monotonic()))
+        due = self.clock.due(index / FPS)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        self.send_delay.taken(due)
         yuv = self.clip.yuv[self.clip.picture_of(index)].copy()
         draw_stamp(yuv, index)
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
@@ -401,8 +409,10 @@ class MarkedMicrophone(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray, markers: list[int], clock: SendClock) -> None:
+    def __init__(self, samples: np.ndarray, markers: list[int], clock: SendClock,
+                 video_delay: SendDelay) -> None:
         super().__init__()
+        self._video_delay = video_delay
         self._samples = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
         self._marker_packets = {frame * SAMPLES_PER_FRAME // PACKET: frame for frame in markers}
         self.clock = clock
@@ -411,7 +421,8 @@ class MarkedMicrophone(MediaStreamTrack):
 
     async def recv(self) -> av.AudioFrame:
         n = self.packets
-        await asyncio.sleep(max(0.0, self.clock.due(n * PACKET / AUDIO_RATE) - time.monotonic()))
+        due = self.clock.due(n * PACKET / AUDIO_RATE) + self._video_delay.seconds
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
         chunk = self._samples[n * PACKET : (n + 1) * PACKET]
         chunk = np.pad(chunk, (0, PACKET - len(chunk)))
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
@@ -427,16 +438,18 @@ class MarkedMicrophone(MediaStreamTrack):
 
 
 class PacketArrivals:
-    """When the last packet of each RTP timestamp reached this peer, before aiortc's receive buffer.
+    """When the last packet of each RTP timestamp reached this peer, before aiortc's receive buffer,
+    and the sender's reports (RTCP SR) of this track.
 
-    Wraps this receiver's (aiortc-internal) packet handler. aiortc numbers a received frame's pts
+    Wraps this receiver's (aiortc-internal) packet handlers. aiortc numbers a received frame's pts
     from the first timestamp it decodes, which is the first packet's on a clean link (loopback).
     """
 
     def __init__(self, receiver) -> None:
         self.at: dict[int, float] = {}
         self.origin: int | None = None
-        handle = receiver._handle_rtp_packet
+        self.reports: list[tuple[float, float, int]] = []  # (arrival, sender's wall seconds, RTP time)
+        handle, reported = receiver._handle_rtp_packet, receiver._handle_rtcp_packet
 
         async def timed(packet, arrival_time_ms: int) -> None:
             if self.origin is None:
@@ -444,12 +457,37 @@ class PacketArrivals:
             self.at[packet.timestamp] = time.monotonic()
             await handle(packet, arrival_time_ms=arrival_time_ms)
 
+        async def report(packet) -> None:
+            if isinstance(packet, RtcpSrPacket) and packet.sender_info.ntp_timestamp:  # aiortc: 0 before it sent
+                info = packet.sender_info
+                self.reports.append((time.monotonic(), info.ntp_timestamp / (1 << 32), info.rtp_timestamp))
+            await reported(packet)
+
         receiver._handle_rtp_packet = timed
+        receiver._handle_rtcp_packet = report
 
     def of(self, pts: int | None) -> float | None:
         if self.origin is None or pts is None:
             return None
         return self.at.get((self.origin + pts) % (1 << 32))
+
+    def rtp(self, pts: int | None) -> int | None:
+        """The RTP timestamp of a received frame's ``pts``, unwrapped (it may pass 2^32)."""
+        return None if self.origin is None or pts is None else self.origin + pts
+
+
+def presented(reports: list[tuple[float, float, int]], rtp: int | None, at: float, rate: int) -> float | None:
+    """The sender's wall time of RTP time ``rtp`` (received ``at``): what a receiver's lip-sync lines
+    audio and video up by.
+
+    aiortc's reports map an RTP time to when its packet was sent, which a slow encode (a keyframe)
+    makes tens of ms late; of the reports received within REPORT_SPAN of ``at`` (else the nearest),
+    the one that maps earliest is the least delayed (transport/sender_clock.py does the same).
+    """
+    if rtp is None or not reports:
+        return None
+    near = [r for r in reports if abs(r[0] - at) <= REPORT_SPAN] or [min(reports, key=lambda r: abs(r[0] - at))]
+    return min(wall + ((rtp - reported + (1 << 31)) % (1 << 32) - (1 << 31)) / rate for _, wall, reported in near)
 
 
 @dataclass
@@ -457,6 +495,7 @@ class ReceivedFrame:
     stamp: int | None  # None: the stamp could not be read (unclear block or wrong check bits)
     received: float  # time.monotonic() when aiortc's recv() returned it
     arrived: float | None  # when its last packet arrived
+    rtp: int | None  # its RTP timestamp
     differences: tuple[float, float] | None  # (lower face, control ring) mean |luma difference|
 
 
@@ -472,6 +511,8 @@ class Recording:
     audio: list[np.ndarray] = field(default_factory=list)  # mono float32 per received packet
     audio_received: list[float] = field(default_factory=list)
     audio_arrived: list[float | None] = field(default_factory=list)
+    audio_rtp: list[int | None] = field(default_factory=list)
+    reports: dict[str, list] = field(default_factory=dict)  # kind -> PacketArrivals.reports
     session: str = ""
     codecs: dict[str, str] = field(default_factory=dict)
     stats: dict | None = None
@@ -488,7 +529,8 @@ async def _read_video(track, arrivals: PacketArrivals, clip: Clip, regions: Face
             luma = frame.to_ndarray(format="yuv420p")[: frame.height]
             stamp = read_stamp(luma)
             differences = None if stamp is None else regions.differences(luma, clip, stamp)
-            recording.frames.append(ReceivedFrame(stamp, received, arrivals.of(frame.pts), differences))
+            recording.frames.append(ReceivedFrame(stamp, received, arrivals.of(frame.pts), arrivals.rtp(frame.pts),
+                                                  differences))
 
 
 async def _read_audio(track, arrivals: PacketArrivals, recording: Recording) -> None:
@@ -501,6 +543,7 @@ async def _read_audio(track, arrivals: PacketArrivals, recording: Recording) -> 
             recording.audio.append(samples.astype(np.float32))
             recording.audio_received.append(received)
             recording.audio_arrived.append(arrivals.of(frame.pts))
+            recording.audio_rtp.append(arrivals.rtp(frame.pts))
 
 
 def _jitter_prefetch(receiver) -> int | None:
@@ -630,7 +673,7 @@ async def probe(url: str, clip: Clip, regions: FaceRegions, speech: np.ndarray, 
     insert_markers(speech, markers)
     clock = SendClock()
     camera = StampedCamera(clip, clock)
-    microphone = MarkedMicrophone(speech, markers, clock)
+    microphone = MarkedMicrophone(speech, markers, clock, camera.send_delay)
     camera.sent, microphone.marker_sent = recording.sent, recording.marker_sent  # readable while it runs
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     readers: list[asyncio.Task] = []
@@ -640,6 +683,7 @@ async def probe(url: str, clip: Clip, regions: FaceRegions, speech: np.ndarray, 
         channel = pc.createDataChannel(STATS_CHANNEL)
         channel.on("message", lambda message: setattr(recording, "stats", json.loads(message)))
         arrivals = {t.kind: PacketArrivals(t.receiver) for t in pc.getTransceivers()}
+        recording.reports = {kind: a.reports for kind, a in arrivals.items()}
         prefetch = _jitter_prefetch(next(t.receiver for t in pc.getTransceivers() if t.kind == "audio"))
         recording.audio_prefetch = prefetch
 
@@ -780,6 +824,7 @@ class HeardMarker:
     arrived: float  # when its first sample arrived: its packet's arrival + its offset into the packet
     received: float | None  # the same from aiortc's recv(), less the jitter buffer's prefetch
     score: float
+    presented: float | None  # the sender's wall time of its first sample, by the audio's reports
 
 
 def markers_heard(recording: Recording) -> list[HeardMarker]:
@@ -798,15 +843,19 @@ def markers_heard(recording: Recording) -> list[HeardMarker]:
         arrived = recording.audio_arrived[packet]
         if arrived is None:
             arrived = received - (held or 0.0)
-        heard.append(HeardMarker(arrived + into, None if held is None else received - held + into, score))
+        # A recording read while it is made (bench/soak.py) may not have the newest packet's yet.
+        rtp = recording.audio_rtp[packet] if packet < len(recording.audio_rtp) else None
+        wall = presented(recording.reports.get("audio", []), None if rtp is None else rtp + start - starts[packet],
+                         arrived, AUDIO_RATE)
+        heard.append(HeardMarker(arrived + into, None if held is None else received - held + into, score, wall))
     return heard
 
 
 def match_markers(markers: list[int], heard: list[HeardMarker],
-                  video: dict[int, tuple[float, float]]) -> dict[int, HeardMarker]:
+                  video: dict[int, tuple[float, float, int | None]]) -> dict[int, HeardMarker]:
     """Marker frame -> the chirp heard nearest to the first arrival of a frame with that stamp.
 
-    ``video``: stamp -> (arrival, recv() time) of the first frame back with it. A chirp farther than
+    ``video``: stamp -> (arrival, recv() time, RTP time) of the first frame back with it. A chirp farther than
     half the marker spacing belongs to another marker; a marker whose frame never came back (the
     server skipped that picture) is left out.
     """
@@ -817,6 +866,32 @@ def match_markers(markers: list[int], heard: list[HeardMarker],
             if abs(nearest.arrived - video[frame][0]) <= 0.5:
                 matched[frame] = nearest
     return matched
+
+
+def first_showings(frames: list[ReceivedFrame], arrived: list[float]) -> dict[int, tuple[float, float, int | None]]:
+    """Stamp -> (arrival, recv() time, RTP time) of the frame that first showed that picture.
+
+    Only where that frame is known to have come back: the frame before it (by RTP time, at most
+    1.5 frame intervals earlier) came back too and shows another picture. Over a lossy link the
+    first showing may be lost and a repeat of the picture come back frames later, which would time
+    the picture late. Without RTP times (a recording made without them) the first arrival is taken.
+    """
+    timed = sorted((f.rtp, f.stamp, at, f.received) for f, at in zip(frames, arrived) if f.rtp is not None)
+    if not timed:
+        video: dict[int, tuple[float, float, int | None]] = {}
+        for f, at in zip(frames, arrived):
+            video.setdefault(f.stamp, (at, f.received, f.rtp))
+        return video
+    first: dict[int, tuple[float, float, int | None]] = {}
+    seen: set[int] = set()
+    gap = 1.5 * VIDEO_CLOCK / FPS
+    for (rtp, stamp, at, received), before in zip(timed, [None] + timed[:-1]):
+        if stamp in seen:
+            continue
+        seen.add(stamp)
+        if before is not None and rtp - before[0] <= gap and before[1] != stamp:
+            first[stamp] = (at, received, rtp)
+    return first
 
 
 def _percentiles(values_ms: list[float]) -> dict[str, float | None]:
@@ -854,14 +929,17 @@ def summarise(recording: Recording) -> dict:
     judged = [f.differences for f in frames if f.differences is not None]
     generated = sum(is_generated(*d) for d in judged)
 
-    video: dict[int, tuple[float, float]] = {}
-    for f, at in zip(frames, arrived):
-        video.setdefault(f.stamp, (at, f.received))
+    video = first_showings(frames, arrived)
     markers = marker_frames(measured)
     heard = markers_heard(recording)
     matched = match_markers(markers, heard, video)
     offsets = [1000 * (h.arrived - video[m][0]) for m, h in matched.items()]
     offsets_recv = [1000 * (h.received - video[m][1]) for m, h in matched.items() if h.received is not None]
+    offsets_presented = {}
+    for m, h in matched.items():
+        wall = presented(recording.reports.get("video", []), video[m][2], video[m][0], VIDEO_CLOCK)
+        if h.presented is not None and wall is not None:
+            offsets_presented[m] = 1000 * (h.presented - wall)
     audio_latency = [1000 * (h.arrived - recording.marker_sent[m]) for m, h in matched.items()
                      if m in recording.marker_sent]
 
@@ -884,6 +962,8 @@ def summarise(recording: Recording) -> dict:
         "audio_latency_ms": _percentiles(audio_latency),
         "latency_at_recv_ms": _percentiles([1000 * (f.received - sent[f.stamp]) for f in frames]),
         "av_offset_at_recv_ms": _offset(offsets_recv),
+        "av_offset_presented_ms": _offset(list(offsets_presented.values())),
+        "av_offsets_presented_ms": {str(m): round(o, 1) for m, o in offsets_presented.items()},
         "receiver_hold_ms": {"video_p50": _median(video_hold), "audio_p50": _median(audio_hold),
                              "audio_prefetch_packets": recording.audio_prefetch},
         "timing": "at packet arrival on the probe: aiortc's receiver holds (receiver_hold_ms) taken out; "
@@ -934,6 +1014,9 @@ def print_table(result: dict) -> None:
     print(f"  A/V offset ms (audio late > 0) p50 {offset['p50']}, max |.| {offset['max_abs']}; at recv() "
           f"p50 {at_recv['p50']}, max |.| {at_recv['max_abs']} ({markers['matched']}/{markers['sent']} "
           f"markers matched, {markers['heard']} heard)")
+    shown = result["av_offset_presented_ms"]
+    print(f"  A/V offset ms as presented by the sender's reports (a browser's lip-sync) p50 {shown['p50']}, "
+          f"max |.| {shown['max_abs']}")
     print(f"  model ran on {_percent(result['model_fraction'])} of frames "
           f"(server's count: {_percent(server.get('model_fraction'))}); rule: {result['generated_rule']}")
     hold = result["receiver_hold_ms"]

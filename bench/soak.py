@@ -335,9 +335,9 @@ def window_figures(recording: g2g.Recording | None, since: float, until: float) 
         return empty
     sent = list(recording.sent)
     frames = [f for f in list(recording.frames) if f.stamp is not None and f.stamp < len(sent)]
-    first: dict[int, tuple[float, float]] = {}
+    first: dict[int, tuple[float, float, int | None]] = {}
     for f in frames:
-        first.setdefault(f.stamp, (f.arrived if f.arrived is not None else f.received, f.received))
+        first.setdefault(f.stamp, (f.arrived if f.arrived is not None else f.received, f.received, f.rtp))
     latency = [1000 * ((f.arrived if f.arrived is not None else f.received) - sent[f.stamp]) for f in frames
                if since <= (f.arrived if f.arrived is not None else f.received) < until]
     arrived = list(recording.audio_arrived)
@@ -348,7 +348,7 @@ def window_figures(recording: g2g.Recording | None, since: float, until: float) 
         part = slice(keep[0], keep[-1] + 1)
         audio = g2g.Recording(recording.measured, recording.clip_size, audio=list(recording.audio[part]),
                               audio_received=received[part], audio_arrived=arrived[part],
-                              audio_prefetch=recording.audio_prefetch)
+                              audio_rtp=list(recording.audio_rtp)[part], audio_prefetch=recording.audio_prefetch)
         heard = [h for h in g2g.markers_heard(audio) if since <= h.arrived < until]
         matched = g2g.match_markers(g2g.marker_frames(len(sent)), heard, first)
         offsets = [1000 * (h.arrived - first[m][0]) for m, h in matched.items()]

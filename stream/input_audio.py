@@ -25,6 +25,11 @@ PLACEMENT_BLOCKS = 5
 # the jitter of one block, less than what a viewer notices (lips 45 ms late, ITU-R BT.1359).
 RETIME_BLOCKS = 50
 RETIME_THRESHOLD = 0.015
+# Audio placed by its timestamps (``timed``: a transport's, not its arrival) has no arrival jitter to
+# average out: each block goes where its timestamp says, a gap before it (a packet lost on the way)
+# filled with silence, an overlap (its timeline stepped back) trimmed, once past this much. Less is
+# left to the retiming: a step that small is the rounding of a resampler, not a loss.
+TIMED_SLACK = 0.01
 
 
 class Resampler:
@@ -105,8 +110,9 @@ class InputAudio:
         self._skip = 0.0  # seconds of coming audio to leave out
         self.retimed_seconds: list[float] = []  # the corrections made, + later, - earlier
 
-    def push(self, samples: np.ndarray, rate: int, at_media_time: float) -> None:
-        """``samples`` (channels, n) at ``rate``, the first of them ``at_media_time`` seconds into the stream."""
+    def push(self, samples: np.ndarray, rate: int, at_media_time: float, timed: bool = False) -> None:
+        """``samples`` (channels, n) at ``rate``, the first of them ``at_media_time`` seconds into the stream
+        (``timed``: by the source's timestamps rather than by arrival)."""
         if not self.started:
             self._held.append((samples, rate, at_media_time))
             if len(self._held) < self._placement_blocks:
@@ -122,12 +128,16 @@ class InputAudio:
                 self._placed = start
             held, self._held = self._held, []
             for block, block_rate, at in held:
-                self._append(block, block_rate, at)
+                self._append(block, block_rate, at, timed)
             return
-        self._append(samples, rate, at_media_time)
+        self._append(samples, rate, at_media_time, timed)
 
-    def _append(self, samples: np.ndarray, rate: int, at: float) -> None:
+    def _append(self, samples: np.ndarray, rate: int, at: float, timed: bool) -> None:
         samples = np.atleast_2d(samples)
+        if timed and at - self._placed > TIMED_SLACK:
+            self._silence(at - self._placed)
+        elif timed and self._placed - at > TIMED_SLACK:
+            self._skip += self._placed - at
         if self._skip:
             skipped = min(samples.shape[1], round(self._skip * rate))
             samples, at = samples[:, skipped:], at + skipped / rate
@@ -145,11 +155,14 @@ class InputAudio:
 
     def _correct(self, off: float) -> None:
         if off > RETIME_THRESHOLD:  # placed too early: what comes next goes later
-            self._to_features_stage(np.zeros(round(off * FEATURE_RATE), np.float32))
-            self.playback.append(np.zeros((2, round(off * PLAYBACK_RATE)), np.float32))
-            self._placed += off
+            self._silence(off)
         elif off < -RETIME_THRESHOLD:  # placed too late: leave out as much of what comes next
             self._skip += -off
         else:
             return
         self.retimed_seconds.append(round(off, 4))
+
+    def _silence(self, seconds: float) -> None:
+        self._to_features_stage(np.zeros(round(seconds * FEATURE_RATE), np.float32))
+        self.playback.append(np.zeros((2, round(seconds * PLAYBACK_RATE)), np.float32))
+        self._placed += seconds

@@ -128,7 +128,7 @@ class LiveSession:
         self._program = (ProgramAudio(audio_format, self.options.buffer_seconds)
                          if audio_format is not None else None)
         self._latest: tuple[np.ndarray, float] | None = None  # the newest picture and when it arrived
-        self._early_audio: list[tuple[np.ndarray, int, float]] = []  # a camera's, before its first picture
+        self._early_audio: list[tuple[np.ndarray, int, float, bool]] = []  # a camera's, before its first picture
         self._controls: collections.deque[Control] = collections.deque()
         self._t0: float | None = None
         self._ending = False
@@ -184,8 +184,8 @@ class LiveSession:
         if self._t0 is None:
             self._clock(arrived)
             early, self._early_audio = self._early_audio, []
-            for samples, rate, began in early:
-                self._push_audio_at(samples, rate, began)
+            for samples, rate, began, timed in early:
+                self._push_audio_at(samples, rate, began, timed)
 
     def push_audio(self, samples: np.ndarray, rate: int, began: float | None = None) -> None:
         """(channels, n) samples at ``rate``, as they arrive: the last of them was heard just now.
@@ -193,23 +193,24 @@ class LiveSession:
         ``began``: the ``time.monotonic()`` its first sample belongs at, for a transport that knows
         better than arrival (a stream's timestamps); placed and retimed the same way.
         """
+        timed = began is not None
         if began is None:
             began = time.monotonic() - np.atleast_2d(samples).shape[1] / rate
         if self._t0 is None and self._avatar is None and self._program is None:
             # Before a camera's first picture: kept until the clock starts (the last EARLY_AUDIO s).
-            self._early_audio.append((samples, rate, began))
+            self._early_audio.append((samples, rate, began, timed))
             while self._early_audio and began - self._early_audio[0][2] > EARLY_AUDIO:
                 self._early_audio.pop(0)
             return
-        self._push_audio_at(samples, rate, began)
+        self._push_audio_at(samples, rate, began, timed)
 
-    def _push_audio_at(self, samples: np.ndarray, rate: int, began: float) -> None:
+    def _push_audio_at(self, samples: np.ndarray, rate: int, began: float, timed: bool) -> None:
         at = self._clock(began)
         if at < 0:  # heard before the clock started: only what comes after it
             samples = np.atleast_2d(samples)[:, round(-at * rate):]
             at = 0.0
         if samples.shape[-1]:
-            self._input_audio.push(samples, rate, at)
+            self._input_audio.push(samples, rate, at, timed)
 
     def write_audio(self, pcm: bytes) -> float:
         """Queue a program's PCM s16le (whole samples, the declared format); returns its seconds.

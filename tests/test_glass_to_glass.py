@@ -20,7 +20,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from bench.glass_to_glass import (FPS, INDEX_BITS, CHECK_BITS, PACKET, SAMPLES_PER_FRAME, STAMP_BLOCK,
                                   STAMP_COLUMNS, Clip, FaceRegions, ReceivedFrame, Recording, draw_stamp,
-                                  find_markers, insert_markers, is_generated, marker_frames, read_stamp,
+                                  find_markers, first_showings, insert_markers, is_generated, marker_frames, read_stamp,
                                   speech_track, stamp_size, summarise)
 from bench.make_clip import make_clip
 from stream.frames import VideoFrame
@@ -151,14 +151,16 @@ def test_the_clip_loops_like_the_file_path():
 
 
 def test_figures_from_a_recording_with_known_times(media):
-    """Frames back 800 ms after they left, audio 30 ms behind them; aiortc's holds on top."""
+    """Frames back 800 ms after they left, audio 30 ms behind them; aiortc's holds on top. The
+    server's reports put the audio 20 ms behind the pictures (their RTP time against its wall clock)."""
     measured = 3 * FPS
     sent = [100.0 + k / FPS for k in range(measured)]
     recording = Recording(measured, SIZE, sent=sent, audio_prefetch=4)
     for k in range(measured):
         differences = (30.0, 3.0) if k % 2 else (2.5, 3.0)
-        recording.frames.append(ReceivedFrame(k, sent[k] + 0.84, sent[k] + 0.8, differences))
-    recording.frames.append(ReceivedFrame(None, sent[-1] + 0.9, None, None))
+        recording.frames.append(ReceivedFrame(k, sent[k] + 0.84, sent[k] + 0.8, 1000 + 3600 * k, differences))
+    recording.frames.append(ReceivedFrame(None, sent[-1] + 0.9, None, None, None))
+    recording.reports = {"video": [(100.5, 5000.0, 1000)], "audio": [(100.5, 5000.02, (1 << 32) - 480)]}
     audio = speech_track(media / "speech_16k.wav", 4.0)
     insert_markers(audio, marker_frames(measured))
     recording.marker_sent = {f: sent[f] for f in marker_frames(measured)}
@@ -167,6 +169,7 @@ def test_figures_from_a_recording_with_known_times(media):
         recording.audio.append(audio[n * PACKET : (n + 1) * PACKET])
         recording.audio_arrived.append(arrived)
         recording.audio_received.append(arrived + 0.08)
+        recording.audio_rtp.append(((1 << 32) - 480 + n * PACKET) % (1 << 32))  # wraps: modulo 2^32
 
     result = summarise(recording)
     assert result["latency_ms"] == {"p50": 800.0, "p95": 800.0, "max": 800.0}
@@ -174,11 +177,24 @@ def test_figures_from_a_recording_with_known_times(media):
     assert result["ttff_ms"] == 800.0
     assert result["av_offset_ms"] == {"p50": 30.0, "max_abs": 30.0}
     assert result["av_offset_at_recv_ms"]["p50"] == -10.0, "audio hold taken out, the video's left in"
+    assert result["av_offset_presented_ms"]["p50"] == pytest.approx(20.0, abs=0.5)
     assert result["audio_latency_ms"]["p50"] == 830.0
     assert result["markers"]["matched"] == result["markers"]["heard"] == 3
     assert result["model_fraction"] == pytest.approx(37 / 75, abs=1e-3)
     assert result["stamps_rejected"] == 1 and result["frames_received"] == measured
     assert result["receiver_hold_ms"] == {"video_p50": 40.0, "audio_p50": 80.0, "audio_prefetch_packets": 4}
+
+
+def test_a_picture_is_timed_only_where_its_first_showing_came_back():
+    def frame(stamp, rtp):
+        return ReceivedFrame(stamp, 0.0, None if rtp is None else rtp / 90_000, rtp, None)
+    # Picture 5 first showed in the frame at 3600 * 5, lost on the way back; its repeat came back.
+    frames = [frame(k, 3600 * k) for k in range(5)] + [frame(5, 3600 * 6), frame(6, 3600 * 7)]
+    frames += [frame(7, 3600 * 8), frame(7, 3600 * 9)]  # shown twice, the first came back
+    first = first_showings(frames, [f.arrived for f in frames])
+    assert sorted(first) == [1, 2, 3, 4, 6, 7], "0: nothing before it; 5: its first showing was lost"
+    assert first[7][2] == 3600 * 8
+    assert first_showings([frame(5, None)], [1.0]) == {5: (1.0, 0.0, None)}, "no RTP times: first arrival"
 
 
 def test_no_server_is_one_line_and_status_2(clip_path, capsys):

@@ -12,11 +12,14 @@ What must hold: the session is still connected at the end (the probe raises othe
 sent after the blackout come back within RECOVERY_LIMIT of its end and keep coming (over the
 run's last RESUMED_SPAN seconds at RESUMED_SHARE of the rate before the blackout, under the same
 loss and jitter), with the latency back within LATENCY_SLACK of what it
-was before the blackout. The A/V offset at the receiver (each chirp against the first arrival of
-the frame it was sent with) is measured and reported, not asserted: it misses the issue's
-+-60 ms (medians -63 / -93 ms, README 'Network faults'), because a picture held for a
-resent packet arrives late against its audio, which is not resent. The test peer's video receiver recovers from loss as a
-browser's does (``recovering_receivers``). The first test checks the impairment itself on two
+was before the blackout. The A/V offset as a receiver presents it (each chirp against the first
+showing of the picture it was sent with, both timed by the server's sender reports, as a browser's
+lip-sync lines them up) is measured and reported, not asserted: in most runs its median is within
+a few ms before the blackout and after the recovery, but in about one run in three the whole phase
+sits 57-97 ms early, a cause not found yet (README 'Network faults'), and a test that fails by
+chance would stop every other change from landing. Timed at packet arrival the offsets also carry
+the return link's jitter and resends, which a receiver's buffers take out; they are reported too. The test
+peer's video receiver recovers from loss as a browser's does (``recovering_receivers``). The first test checks the impairment itself on two
 plain UDP sockets: the loss rate, the delay range, reordering, the blackout, the bound on held
 datagrams and the seed.
 """
@@ -186,9 +189,15 @@ def fault_figures(recording: g2g.Recording, times: dict[str, float]) -> dict:
         values = [1000 * (_arrival(f) - sent[f.stamp]) for f in frames if since <= _arrival(f) < until]
         return round(float(np.median(values)), 1) if values else None
 
-    offsets = {int(k): v for k, v in g2g.summarise(recording)["av_offsets_ms"].items()}
-    before = [v for k, v in offsets.items() if times["impaired"] <= sent[k] < blackout - 1.0]
-    after = [v for k, v in offsets.items() if recovery is not None and sent[k] >= back + recovery]
+    summary = g2g.summarise(recording)
+
+    def offsets(key: str) -> tuple[list[float], list[float]]:
+        """The markers' A/V offsets before the blackout and after the recovery, in ms."""
+        values = {int(k): v for k, v in summary[key].items()}
+        return ([round(v, 1) for k, v in values.items() if times["impaired"] <= sent[k] < blackout - 1.0],
+                [round(v, 1) for k, v in values.items() if recovery is not None and sent[k] >= back + recovery])
+    before, after = offsets("av_offsets_ms")
+    presented_before, presented_after = offsets("av_offsets_presented_ms")
     return {
         "frames_sent": measured, "frames_back": len(frames), "pictures_back": len({f.stamp for f in frames}),
         "longest_gap_s": round(float(np.max(np.diff(arrivals))), 2),
@@ -197,7 +206,8 @@ def fault_figures(recording: g2g.Recording, times: dict[str, float]) -> dict:
         "before_fps": round(before_fps, 1), "end_fps": round(end_fps, 1),
         "latency_before_ms": latency(times["impaired"], blackout),
         "latency_after_ms": None if recovery is None else latency(back + recovery + 2.0, times["end"]),
-        "offsets_before_ms": [round(v, 1) for v in before], "offsets_after_ms": [round(v, 1) for v in after],
+        "offsets_before_ms": before, "offsets_after_ms": after,
+        "presented_before_ms": presented_before, "presented_after_ms": presented_after,
     }
 
 

@@ -31,7 +31,8 @@ from stream.config import load_config
 from stream.pipeline import LipSync
 from stream.runner import run_async
 from stream.session_options import AudioFormat, SessionOptions
-from transport.ingest import Audio, InputError, Picture, SessionFeed, Status, check_input
+from transport.ingest import InputError, check_input
+from transport.session_feed import Audio, Picture, SessionFeed, Status
 from transport.publish import OutputError, OutputSettings, Publisher, check_output, fit_picture
 from transport.rtmp import Relay, RelayFailed, RelaySettings, serve_and_relay
 

@@ -20,11 +20,7 @@ no playlist of local files).
 
 from __future__ import annotations
 
-import asyncio
-import cmath
-import collections
 import logging
-import math
 import threading
 import time
 import urllib.parse
@@ -36,31 +32,16 @@ import av
 import numpy as np
 
 from transport.media_probe import input_options
+from transport.session_feed import AUDIO_RATE, Audio, Picture, Status
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("rtmp", "rtmps", "srt", "http", "https")
 LIVE_SCHEMES = ("rtmp", "rtmps", "srt")  # read as they arrive; anything else is paced by its timestamps
-AUDIO_RATE = 48_000
 # Backoff between attempts to reopen an input: doubling from the first to the last, then steady.
 BACKOFF = (0.5, 8.0)
 # A listening input waits this long for a publisher per attempt, so that stopping is never held up longer.
 LISTEN_WAIT = 2
-# No audio for this long: the input has none, or has gone. Silence is pushed in its place, so the
-# session's audio stage never waits on it and the output carries on. Just under the stage's own
-# patience (0.5 s, stream/audio_stream.py): a shorter stall of our own must not cost audio.
-AUDIO_SILENT_AFTER = 0.45
-FILL_PERIOD = 0.02
-# Pictures are pushed this long after the fastest path would bring them, so that one a little late
-# is still shown in its turn. The frame waits longer than that for its audio anyway (the features
-# reach 122.5 ms past it, stream/audio_stream.py).
-JITTER_ALLOWANCE = 0.06
-# The packet delays the clock map keeps the smallest of: long enough to see the fastest packets
-# through any jitter, short enough to follow a sender's clock that drifts from ours.
-CLOCK_WINDOW = 10.0
-SHOWN_KEPT = 25  # frames over which where pictures were shown is taken (a second at 25 fps)
-MIN_SHOWN = 5  # frames shown before that is trusted
-UNSEEN_KEPT = 256  # pictures waiting to be shown that are remembered (most are shown within a second)
 # A paced file that falls this far behind its schedule (a slow decoder) starts a new schedule.
 PACE_RESET = 1.0
 
@@ -112,31 +93,6 @@ def _check_host(text: str) -> None:
 def is_live(url: str) -> bool:
     """Read as it arrives (True), or paced by its timestamps like a file (False)."""
     return url.split("://", 1)[0].lower() in LIVE_SCHEMES if "://" in url else False
-
-
-# -- what a reader hands to the event loop ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Picture:
-    image: np.ndarray  # RGB (H, W, 3) uint8
-    ts: float  # seconds, the source's timestamp
-    arrived: float  # time.monotonic()
-
-
-@dataclass(frozen=True)
-class Audio:
-    samples: np.ndarray  # (2, n) float32 planar at AUDIO_RATE
-    ts: float
-    arrived: float
-
-
-@dataclass(frozen=True)
-class Status:
-    """``connected`` (with ``detail``: what the input holds), ``lost`` or ``failed`` (``detail``: why), ``ended``."""
-
-    kind: str
-    detail: dict
 
 
 # -- the reader ---------------------------------------------------------------------------------
@@ -289,187 +245,3 @@ def error_reason(exc: BaseException) -> str:
         return "no answer in time"
     text = getattr(exc, "strerror", None) or str(exc)
     return text if text else type(exc).__name__
-
-
-# -- on the event loop ------------------------------------------------------------------------
-
-
-class ClockMap:
-    """A source's timestamps on our clock: ts + the smallest delay (arrival - timestamp) of its
-    packets over the last CLOCK_WINDOW seconds.
-
-    The least delayed packets show where the source's clock is; the others only add jitter. Over
-    a sliding window, so that a sender's clock that drifts from ours is followed.
-    """
-
-    def __init__(self, window: float = CLOCK_WINDOW):
-        self.window = window
-        self._delays: collections.deque[tuple[float, float]] = collections.deque()  # (arrived, delay), increasing
-
-    def observe(self, ts: float, arrived: float) -> None:
-        delay = arrived - ts
-        while self._delays and self._delays[-1][1] >= delay:
-            self._delays.pop()
-        self._delays.append((arrived, delay))
-        while self._delays[0][0] < arrived - self.window:
-            self._delays.popleft()
-
-    def at(self, ts: float) -> float:
-        """``time.monotonic()`` at which ``ts`` was live."""
-        return ts + self._delays[0][1]
-
-
-
-class SessionFeed:
-    """Feeds one session from its readers, on the event loop; turns their status into events.
-
-    Pictures go in as they arrive (their arrival is their ``captured_at``): the session's clock
-    starts with the first, and each tick takes the newest. Audio is placed where the ticks showed
-    the pictures of the same timestamp (``shown``, given every frame the session releases; until a
-    few have been shown, and for audio from another source, where it arrived), so the output's A/V
-    offset is the source's, whatever the delays on the way; the session retimes it from there
-    (stream/input_audio.py). While no audio comes (an input that dropped, or one without audio),
-    silence is pushed in its place, so the session's audio stage never waits on it and the output
-    carries on with the last picture.
-
-    ``audio_from``: which reader's audio drives the session (None: the session takes none of
-    theirs, e.g. program audio). ``on_status(reader_name, Status)`` hears every status change.
-    Events, told to the session's listeners: ``input_connected``, ``input_lost``,
-    ``input_restored``, ``input_ended``, ``input_failed``, each with ``input`` (the reader's name).
-    """
-
-    def __init__(self, session, *, audio_from: str | None, fps: int,
-                 on_status: Callable[[str, Status], None] | None = None):
-        self.session = session
-        self.audio_from = audio_from
-        self.fps = fps
-        self._on_status = on_status
-        self._lost_at: dict[str, float] = {}
-        self._maps: dict[str, ClockMap] = {}
-        self._maps_with_pictures: set[str] = set()
-        self._phases: collections.deque[complex] = collections.deque(maxlen=SHOWN_KEPT)
-        self._to_grid = 0.0  # from when a picture is due to mid-way between two ticks
-        self._tick_offset = 0.5 / self.fps  # where the session's ticks fall after a frame's time
-        self._pushed = 0  # the number of the newest picture pushed
-        # Pictures pushed and not shown yet, by arrival (their trace's captured_at): (reader, ts).
-        self._unseen: collections.OrderedDict[float, tuple[str, float]] = collections.OrderedDict()
-        # Per reader, lately: seconds from a picture's timestamp to where the session first showed it.
-        self._shown_after: dict[str, collections.deque[float]] = {}
-        self._audio_until: float | None = None  # time.monotonic() where the audio pushed so far ends
-        self._filler: asyncio.Task | None = None
-        self.pictures = 0
-        self.filled = 0.0  # seconds of silence pushed while no audio came
-
-    def deliverer(self, name: str, loop: asyncio.AbstractEventLoop) -> Callable[[object], None]:
-        """The thread-safe ``deliver`` for reader ``name``."""
-        def deliver(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(self._take, name, item)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                pass
-        return deliver
-
-    def _take(self, name: str, item: object) -> None:
-        if isinstance(item, Status):
-            self._status(name, item)
-            return
-        clock = self._maps.setdefault(name, ClockMap())
-        if item.ts is not None:
-            clock.observe(item.ts, item.arrived)
-        if isinstance(item, Picture):
-            self._picture(name, item, clock)
-        elif name == self.audio_from:
-            shown = self._shown_after.get(name)
-            if shown is not None and len(shown) >= MIN_SHOWN:
-                began = item.ts + float(np.median(shown))
-            else:  # until frames come out (a second or so): where a picture of that moment is pushed
-                began = clock.at(item.ts) + JITTER_ALLOWANCE + self._to_grid if name in self._maps_with_pictures \
-                    else None  # audio from another source: where it arrived
-            self.session.push_audio(item.samples, AUDIO_RATE, began)
-            seconds = item.samples.shape[1] / AUDIO_RATE
-            self._audio_until = began + seconds if began is not None else time.monotonic()
-
-    def _picture(self, name: str, item: Picture, clock: ClockMap) -> None:
-        """Push a picture JITTER_ALLOWANCE after the fastest path would bring it, held to mid-way
-        between two of the session's ticks.
-
-        The ticks take the newest picture: pictures pushed close to a tick are shown twice or
-        skipped at the least jitter, and one that comes late is shown a tick late. Pushed on a
-        schedule made from their timestamps, mid-way between ticks, jitter up to the allowance
-        changes nothing. The hold follows the source's phase as it drifts (the session's grid is
-        fixed by its first picture); a picture later than its schedule goes at once.
-        """
-        self._maps_with_pictures.add(name)
-        now = time.monotonic()
-        due = clock.at(item.ts) + JITTER_ALLOWANCE if item.ts is not None else item.arrived
-        if self.pictures:  # the session's clock runs (its first picture started it)
-            grid = now - self.session.clock()
-            self._phases.append(cmath.exp(2j * math.pi * (due - grid - self._tick_offset) * self.fps))
-            phase = cmath.phase(sum(self._phases)) / (2 * math.pi)  # of the schedule, against the ticks
-            self._to_grid = ((0.5 - phase) % 1.0) / self.fps
-        self.pictures += 1
-        number = self.pictures
-        if item.ts is not None:
-            self._unseen[item.arrived] = (name, item.ts)
-            while len(self._unseen) > UNSEEN_KEPT:
-                self._unseen.popitem(last=False)
-
-        def push() -> None:
-            if number <= self._pushed:  # a later picture, held less, went first: this one is stale
-                return
-            self._pushed = number
-            self.session.push_video(item.image, captured_at=item.arrived)
-            if self._filler is None and self.audio_from is not None:  # the clock runs from here
-                self._audio_until = self._audio_until or time.monotonic()
-                self._filler = asyncio.ensure_future(self._fill())
-        asyncio.get_running_loop().call_later(max(0.0, due + self._to_grid - now), push)
-
-    def shown(self, out) -> None:
-        """A frame the session released (``LiveOutput``): where its picture was shown, the first time,
-        and where the session's ticks fall between frames."""
-        grid = time.monotonic() - self.session.clock()
-        trace = out.frame.trace
-        if trace.due_at is not None:
-            self._tick_offset = trace.due_at - grid - out.frame.pts
-        first = self._unseen.pop(trace.captured_at, None)
-        if first is not None:  # else a picture shown again (the source is slower, or gone)
-            name, ts = first
-            self._shown_after.setdefault(name, collections.deque(maxlen=SHOWN_KEPT)).append(grid + out.frame.pts - ts)
-
-    async def _fill(self) -> None:
-        while True:
-            await asyncio.sleep(FILL_PERIOD)
-            silent = time.monotonic() - self._audio_until
-            if silent >= AUDIO_SILENT_AFTER:
-                self.session.push_audio(np.zeros((2, round(silent * AUDIO_RATE)), np.float32), AUDIO_RATE,
-                                        self._audio_until)
-                self._audio_until += silent
-                self.filled += silent
-
-    def _status(self, name: str, status: Status) -> None:
-        if status.kind == "connected":  # a new connection: new timestamps
-            self._maps.pop(name, None)
-            self._shown_after.pop(name, None)
-            for arrived in [a for a, (reader, _) in self._unseen.items() if reader == name]:
-                del self._unseen[arrived]
-            if name in self._lost_at:
-                gap = time.monotonic() - self._lost_at.pop(name)
-                self._report("input_restored", input=name, lost_seconds=round(gap, 2), **status.detail)
-            else:
-                self._report("input_connected", input=name, **status.detail)
-        elif status.kind == "lost":
-            self._lost_at[name] = time.monotonic()
-            self._report("input_lost", input=name, **status.detail)
-        elif status.kind == "ended":
-            self._report("input_ended", input=name)
-        elif status.kind == "failed":
-            self._report("input_failed", input=name, **status.detail)
-        if self._on_status is not None:
-            self._on_status(name, status)
-
-    def _report(self, event: str, **fields) -> None:
-        self.session.report(event, **fields)
-
-    def close(self) -> None:
-        if self._filler is not None:
-            self._filler.cancel()

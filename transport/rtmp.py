@@ -28,7 +28,8 @@ from typing import Callable
 
 from stream.session_options import AudioFormat, SessionOptions
 from stream.sessions import SessionManager
-from transport.ingest import ReaderSettings, SessionFeed, SourceReader, Status
+from transport.ingest import ReaderSettings, SourceReader
+from transport.session_feed import SessionFeed, Status
 from transport.publish import OutputSettings, Publisher
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,27 @@
 """The WebRTC side of a live session: aiortc in, a ``LiveSession`` in the middle, aiortc out.
 
-    browser mic/camera -> feed() -> session.push_audio / push_video
+    browser mic/camera -> Peer._feed -> SessionFeed (transport/session_feed.py) -> session.push_video / push_audio
     session.output() -> session.broadcast -> ViewerTracks (one per viewer) -> OutputVideoTrack
                                                                          + OutputAudioTrack (20 ms)
     session.describe() -> the "stats" data channel, every 0.5 s
+
+What comes in goes to the session as the sender timed it, not as it arrived: pictures on a schedule
+made from their RTP timestamps, and audio where the pictures of the same moment were shown, the two
+tracks related by the sender's reports (transport/sender_clock.py), as RTMP input is.
 
 Both outgoing tracks are fed by ONE pull of ``session.output()`` per frame, so a frame and its
 audio leave together, stamped with the same moment: when the session released them. The RTP
 timestamps therefore follow the wall clock: when the session stalls and re-anchors its clock, the
 receiver sees a gap in the timestamps, not packets arriving late, which would make its jitter
-buffers (audio first) grow and stay large. The browser lines audio and video up from the RTCP
-sender reports, which map both to the wall time they were sent at.
+buffers (audio first) grow and stay large. Audio packets wait as long as a picture takes to be
+encoded (``SendDelay``), so that both reach the browser together and aiortc's sender reports, by
+which the browser lines them up, map both to the same moment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -35,6 +41,8 @@ from aiortc import (RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConne
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from transport.prompt_jitter import make_prompt
+from transport.sender_clock import SenderClock
+from transport.session_feed import Audio, Picture, SessionFeed
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,12 @@ VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
 AUDIO_RATE = 48_000
 AUDIO_TIME_BASE = Fraction(1, AUDIO_RATE)
 AUDIO_CHUNK = AUDIO_RATE // 50  # 20 ms, what Opus packetises
-# Audio stays sample-continuous unless a frame leaves later than this past where it would follow on.
+# Audio stays sample-continuous unless frames keep leaving later than this past where it would follow
+# on: the median of the last AUDIO_LAG_FRAMES (the session's clock slipped). One frame late alone
+# (the next is back on time) moves nothing: were the audio to follow it, it would stay that late for
+# good, as it never moves back.
 AUDIO_GAP = AUDIO_CHUNK // 2
+AUDIO_LAG_FRAMES = 5
 STATS_PERIOD = 0.5
 # A peer that has not connected by then is gone (it closed before ICE completed, or cannot reach us).
 CONNECT_TIMEOUT = 20.0
@@ -59,10 +71,17 @@ INPUT_TIMEOUT = 4.0
 FIRST_MEDIA_TIMEOUT = 10.0
 # What each driving role must send (the offer's directions say so before anything is started).
 SENDS = {"camera": ("audio", "video"), "microphone": ("audio",)}
+PEER = "peer"  # the one source of a peer's session feed
 # Output kept for a sender that is slower than the session: a video frame is worth showing only
 # while it is fresh; audio is never dropped short of a second, a gap is audible.
 VIDEO_BACKLOG = 2
 AUDIO_BACKLOG = 25
+# A video frame's time on its way out (below) is the median of this many frames', up to SEND_DELAY_MAX.
+SEND_DELAY_FRAMES = 25
+SEND_DELAY_MAX = 0.2
+# libopus's encoder looks 6.5 ms ahead at 48 kHz: the sound decoded from a packet is that much behind
+# its timestamp, on the way in (the sender's encoder) and on the way out (ours). Both are taken out.
+OPUS_LOOKAHEAD = 0.0065
 
 
 @dataclass(frozen=True)
@@ -166,6 +185,36 @@ def _bind_in_range(create_datagram_endpoint, ports: tuple[int, int]):
     return bind
 
 
+class SendDelay:
+    """How long after its due time a video frame is on the wire: its encode, and any wait for one.
+
+    aiortc's sender takes a frame from ``recv()``, encodes it, sends its packets and only then
+    asks for the next one, so a frame is out by the next call. Audio is encoded in a fraction of a
+    millisecond: sent on its due time, it would reach the other side that much ahead of its
+    picture (10-30 ms for VP8 on a loaded CPU), and aiortc's sender reports, which map RTP time
+    to the moment a packet was sent, would tell a browser's lip-sync the same. Holding each audio
+    packet back by this delay makes both leave together.
+    """
+
+    def __init__(self, frames: int = SEND_DELAY_FRAMES) -> None:
+        self._delays: collections.deque[float] = collections.deque(maxlen=frames)
+        self._due: float | None = None
+
+    def taken(self, due: float) -> None:
+        """``recv()`` is handing over the frame due at ``due`` (``time.monotonic()``)."""
+        self._due = due
+
+    def asked(self) -> None:
+        """``recv()`` was called again: the frame taken before is sent."""
+        if self._due is not None:
+            self._delays.append(min(max(time.monotonic() - self._due, 0.0), SEND_DELAY_MAX))
+            self._due = None
+
+    @property
+    def seconds(self) -> float:
+        return float(np.median(self._delays)) if self._delays else 0.0
+
+
 class ViewerTracks:
     """One viewer's two outgoing tracks, fed by the session's one output pump (``Broadcast``).
 
@@ -245,9 +294,12 @@ class OutputVideoTrack(_QueueTrack):
     def __init__(self, output: ViewerTracks) -> None:
         super().__init__(output)
         self._pts = -1
+        self.send_delay = SendDelay()
 
     async def recv(self) -> av.VideoFrame:
+        self.send_delay.asked()
         at, image = await self._next()
+        self.send_delay.taken(self._output.origin + at)
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         self._pts = max(round(at * VIDEO_CLOCK), self._pts + 1)  # the encoder wants them increasing
         frame.pts = self._pts
@@ -265,16 +317,26 @@ class OutputAudioTrack(_QueueTrack):
         super().__init__(output)
         self._pending = np.zeros((2, 0), np.float32)
         self._pts: int | None = None
+        self._lags: collections.deque[int] = collections.deque(maxlen=AUDIO_LAG_FRAMES)  # samples
+        self.codec_delay = 0.0  # seconds its codec delays the sound (OPUS_LOOKAHEAD): sent that much early
 
     async def recv(self) -> av.AudioFrame:
         while self._pending.shape[1] < AUDIO_CHUNK:
             at, samples = await self._next()
             start = round(at * AUDIO_RATE)
-            if self._pts is None or self._pending.shape[1] == 0 and start - self._pts > AUDIO_GAP:
-                self._pts = start  # the first frame, or one after a stall: leave the gap in the timestamps
+            if self._pts is None:
+                self._pts = start
+            self._lags.append(start - (self._pts + self._pending.shape[1]))
+            lag = int(np.median(self._lags))
+            if self._pending.shape[1] == 0 and lag > AUDIO_GAP:
+                self._pts += lag  # after a stall: the gap is left in the timestamps
+                self._lags.clear()
             self._pending = np.concatenate([self._pending, samples], axis=1)
-        # A frame brings two chunks at once: send the second on its own time, not in a burst.
-        await asyncio.sleep(self._output.origin + self._pts / AUDIO_RATE - time.monotonic())
+        # A frame brings two chunks at once: send the second on its own time, not in a burst, and
+        # as late as the pictures of that time go out (SendDelay).
+        due = (self._output.origin + self._pts / AUDIO_RATE + self._output.video.send_delay.seconds
+               - self.codec_delay)
+        await asyncio.sleep(due - time.monotonic())
         chunk, self._pending = self._pending[:, :AUDIO_CHUNK], self._pending[:, AUDIO_CHUNK:]
         # aiortc's Opus encoder takes interleaved 16-bit stereo only.
         interleaved = (np.clip(chunk.T, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1)
@@ -284,25 +346,6 @@ class OutputAudioTrack(_QueueTrack):
         frame.time_base = AUDIO_TIME_BASE
         self._pts += AUDIO_CHUNK
         return frame
-
-
-async def feed(track: MediaStreamTrack, session, use_video: bool,
-               on_frame: Callable[[float], None]) -> None:
-    """Push an incoming track into the session until it ends.
-
-    A track nobody reads queues every decoded frame inside aiortc forever, so an unused one (the
-    camera in avatar mode) is still drained.
-    """
-    resampler = av.AudioResampler(format="fltp") if track.kind == "audio" else None
-    while True:
-        frame = await track.recv()  # MediaStreamError once the track ends
-        arrived = time.monotonic()
-        on_frame(arrived)
-        if resampler is not None:
-            for planar in resampler.resample(frame):
-                session.push_audio(planar.to_ndarray(), planar.sample_rate)
-        elif use_video:
-            session.push_video(frame.to_ndarray(format="rgb24"), captured_at=arrived)
 
 
 class Peer:
@@ -331,6 +374,9 @@ class Peer:
         self.role = role
         self.pc = RTCPeerConnection(ice.configuration())
         self.output = ViewerTracks(session, on_end=self.close_soon)
+        # What a driving peer sends goes in on its timestamps, lined up by its reports (SenderClock).
+        self._times = SenderClock()
+        self._input = SessionFeed(session, audio_from=PEER, fps=session.fps) if role != "viewer" else None
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task] = set()
         self._closing: asyncio.Task | None = None
@@ -353,6 +399,7 @@ class Peer:
             raise ValueError(f"cannot use this offer: {exc}") from None
         for transceiver in self.pc.getTransceivers():
             make_prompt(transceiver.receiver)  # what comes in goes on at once (transport/prompt_jitter.py)
+            self._times.watch(transceiver.receiver, transceiver.kind)
         kinds = {t.kind for t in self.pc.getTransceivers()}
         if "video" not in kinds:
             raise ValueError("the offer has no video section: add a video transceiver to receive the face")
@@ -366,7 +413,10 @@ class Peer:
             self.pc.addTrack(self.output.audio)
         if self.role != "viewer":
             await self.session.start()
+            self.session.broadcast.subscribe(self._input)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        if _audio_codec(self.pc.localDescription.sdp) == "audio/opus":
+            self._times.codec_delay = self.output.audio.codec_delay = OPUS_LOOKAHEAD
         self._spawn(self._expire_unless_connected())
         if self.role != "viewer":
             self._answered_at = time.monotonic()
@@ -389,9 +439,6 @@ class Peer:
             return
         self._spawn(self._feed(track, use_video=track.kind == "video" and self.role == "camera"))
 
-    def _arrived(self, at: float) -> None:
-        self._last_input = at
-
     async def _expire_without_media(self) -> None:
         while True:
             if self._last_input is None:
@@ -408,8 +455,26 @@ class Peer:
         self.close_soon()
 
     async def _feed(self, track: MediaStreamTrack, use_video: bool) -> None:
+        """Hand an incoming track to the session feed until it ends.
+
+        A track nobody reads queues every decoded frame inside aiortc forever, so an unused one (the
+        camera in avatar mode) is still drained.
+        """
+        resampler = (av.AudioResampler(format="fltp", layout="stereo", rate=AUDIO_RATE)
+                     if track.kind == "audio" else None)
         try:
-            await feed(track, self.session, use_video, self._arrived)
+            while True:
+                frame = await track.recv()  # MediaStreamError once the track ends
+                arrived = time.monotonic()
+                self._last_input = arrived
+                if resampler is not None:
+                    ts = self._times.audio_ts(frame, arrived)
+                    parts = [planar.to_ndarray() for planar in resampler.resample(frame)]
+                    if parts:
+                        self._input.take(PEER, Audio(np.concatenate(parts, axis=1), ts, arrived))
+                elif use_video:
+                    ts = self._times.video_ts(frame, arrived)
+                    self._input.take(PEER, Picture(frame.to_ndarray(format="rgb24"), ts, arrived))
         except MediaStreamError:
             log.info("incoming %s track ended", track.kind)
         except Exception:
@@ -445,6 +510,9 @@ class Peer:
         try:
             for task in list(self._tasks):
                 task.cancel()
+            if self._input is not None:
+                self.session.broadcast.unsubscribe(self._input)
+                self._input.close()
             await self.output.close()
             await self.pc.close()
         finally:
@@ -454,6 +522,14 @@ class Peer:
             finally:
                 if self._on_closed is not None:
                     self._on_closed(self)
+
+
+def _audio_codec(description: str) -> str | None:
+    """The audio codec an answer settled on (its audio section's first), lower case."""
+    for media in sdp.SessionDescription.parse(description).media:
+        if media.kind == "audio" and media.rtp.codecs:
+            return media.rtp.codecs[0].mimeType.lower()
+    return None
 
 
 async def _drain(track: MediaStreamTrack) -> None:
