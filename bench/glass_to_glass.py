@@ -442,18 +442,21 @@ class PacketArrivals:
     and the sender's reports (RTCP SR) of this track.
 
     Wraps this receiver's (aiortc-internal) packet handlers. aiortc numbers a received frame's pts
-    from the first timestamp it decodes, which is the first packet's on a clean link (loopback).
+    from the first timestamp it decodes (its timestamp mapper's origin, read from it): not always
+    the first packet's, over a lossy link or when its buffer held the first packets back.
     """
 
     def __init__(self, receiver) -> None:
         self.at: dict[int, float] = {}
-        self.origin: int | None = None
+        self._first: int | None = None  # the first packet's timestamp, if the mapper cannot be read
+        self._mapper = getattr(receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+        self._origin: int | None = None
         self.reports: list[tuple[float, float, int]] = []  # (arrival, sender's wall seconds, RTP time)
         handle, reported = receiver._handle_rtp_packet, receiver._handle_rtcp_packet
 
         async def timed(packet, arrival_time_ms: int) -> None:
-            if self.origin is None:
-                self.origin = packet.timestamp
+            if self._first is None:
+                self._first = packet.timestamp
             self.at[packet.timestamp] = time.monotonic()
             await handle(packet, arrival_time_ms=arrival_time_ms)
 
@@ -466,14 +469,22 @@ class PacketArrivals:
         receiver._handle_rtp_packet = timed
         receiver._handle_rtcp_packet = report
 
+    @property
+    def origin(self) -> int | None:
+        """The RTP timestamp that received frames' pts count from (as first set: the mapper lowers it
+        by 2^32 at each wrap, and the pts go on counting)."""
+        if self._origin is None:
+            self._origin = getattr(self._mapper, "_origin", None)
+        return self._first if self._origin is None else self._origin
+
     def of(self, pts: int | None) -> float | None:
-        if self.origin is None or pts is None:
-            return None
-        return self.at.get((self.origin + pts) % (1 << 32))
+        rtp = self.rtp(pts)
+        return None if rtp is None else self.at.get(rtp % (1 << 32))
 
     def rtp(self, pts: int | None) -> int | None:
         """The RTP timestamp of a received frame's ``pts``, unwrapped (it may pass 2^32)."""
-        return None if self.origin is None or pts is None else self.origin + pts
+        origin = self.origin
+        return None if origin is None or pts is None else origin + pts
 
 
 def presented(reports: list[tuple[float, float, int]], rtp: int | None, at: float, rate: int) -> float | None:

@@ -327,7 +327,7 @@ def window_figures(recording: g2g.Recording | None, since: float, until: float) 
     """The probe's figures over frames and markers that arrived in [since, until) (time.monotonic()).
 
     Latency: arrival minus the moment the picture with that stamp was sent (ms). A/V offset: each
-    marker heard in the window against the first arrival of the frame it was sent with (ms;
+    marker heard in the window against the arrival of the frame that first showed its picture (ms;
     positive: audio late), as ``glass_to_glass.summarise`` pairs them.
     """
     empty = {"frames": 0, "latency_p50_ms": None, "latency_p95_ms": None, "av_offset_ms": None, "markers": 0}
@@ -335,9 +335,7 @@ def window_figures(recording: g2g.Recording | None, since: float, until: float) 
         return empty
     sent = list(recording.sent)
     frames = [f for f in list(recording.frames) if f.stamp is not None and f.stamp < len(sent)]
-    first: dict[int, tuple[float, float, int | None]] = {}
-    for f in frames:
-        first.setdefault(f.stamp, (f.arrived if f.arrived is not None else f.received, f.received, f.rtp))
+    first = g2g.first_showings(frames, [f.arrived if f.arrived is not None else f.received for f in frames])
     latency = [1000 * ((f.arrived if f.arrived is not None else f.received) - sent[f.stamp]) for f in frames
                if since <= (f.arrived if f.arrived is not None else f.received) < until]
     arrived = list(recording.audio_arrived)

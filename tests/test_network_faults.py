@@ -12,13 +12,13 @@ What must hold: the session is still connected at the end (the probe raises othe
 sent after the blackout come back within RECOVERY_LIMIT of its end and keep coming (over the
 run's last RESUMED_SPAN seconds at RESUMED_SHARE of the rate before the blackout, under the same
 loss and jitter), with the latency back within LATENCY_SLACK of what it
-was before the blackout. The A/V offset as a receiver presents it (each chirp against the first
-showing of the picture it was sent with, both timed by the server's sender reports, as a browser's
-lip-sync lines them up) is measured and reported, not asserted: in most runs its median is within
-a few ms before the blackout and after the recovery, but in about one run in three the whole phase
-sits 57-97 ms early, a cause not found yet (README 'Network faults'), and a test that fails by
-chance would stop every other change from landing. Timed at packet arrival the offsets also carry
-the return link's jitter and resends, which a receiver's buffers take out; they are reported too. The test
+was before the blackout; and the A/V offset as a receiver presents it (each chirp against the
+first showing of the picture it was sent with, both timed by the server's sender reports, as a
+browser's lip-sync lines them up) has its median within AV_LIMIT before the blackout and after the
+recovery. Single markers are reported, not asserted: a picture that waited for a resent packet
+longer than the server's hold (transport/session_feed.py) is shown late, about one in seven here
+(README 'Network faults'). Timed at packet arrival the offsets also carry the return link's jitter
+and resends, which a receiver's buffers take out; they are reported too. The test
 peer's video receiver recovers from loss as a browser's does (``recovering_receivers``). The first test checks the impairment itself on two
 plain UDP sockets: the loss rate, the delay range, reordering, the blackout, the bound on held
 datagrams and the seed.
@@ -47,6 +47,7 @@ RECOVERY_LIMIT = 5.0  # s from the blackout's end to the first picture sent afte
 RESUMED_SHARE = 0.7  # pictures back a second over the last RESUMED_SPAN s, against the rate before the blackout
 RESUMED_SPAN = 6.0
 LATENCY_SLACK = 500.0  # ms: the latency after recovery is back within this of the latency before it
+AV_LIMIT = 60.0  # ms: the median A/V offset as presented, before the blackout and after the recovery
 
 
 # -- the impairment on plain sockets -----------------------------------------------------------
@@ -234,3 +235,6 @@ def test_a_webrtc_session_rides_out_loss_jitter_and_a_blackout(faulted):
     assert figures["latency_after_ms"] <= figures["latency_before_ms"] + LATENCY_SLACK, figures
     assert link.outgoing.blacked_out > 100 and link.incoming.blacked_out > 100, "the blackout cut both ways"
     assert link.outgoing.lost > 0 and link.incoming.lost > 0 and link.held == 0
+    for phase in ("presented_before_ms", "presented_after_ms"):
+        assert len(figures[phase]) >= 2, f"too few markers timed to judge the A/V offset: {figures}"
+        assert abs(float(np.median(figures[phase]))) <= AV_LIMIT, (phase, figures)
