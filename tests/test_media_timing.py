@@ -66,6 +66,7 @@ def peer():
 
 def test_audio_goes_by_arrival_until_both_tracks_are_reported(peer):
     clock, receivers = peer
+    assert arrive(clock, "audio", 0.0) is None, "before any picture: no timeline to put it on"
     for k in range(25):  # a second of pictures, some late
         assert arrive(clock, "video", k / 25, jitter=0.03 * (k % 3 == 1)) == pytest.approx(k / 25, abs=1e-9)
     # By arrival: the audio's fastest lined up with the video's fastest, so 30 ms early (the video's slower path).

@@ -110,12 +110,13 @@ class SenderClock:
     def video_ts(self, frame, arrived: float) -> float:
         return self._tracks["video"].seconds(frame, arrived)
 
-    def audio_ts(self, frame, arrived: float) -> float:
+    def audio_ts(self, frame, arrived: float) -> float | None:
+        """None while there is no picture to line it up with (yet): it then goes by its arrival."""
         audio = self._tracks["audio"]
         seconds = audio.seconds(frame, arrived)
         video = self._tracks.get("video")
-        if video is None or not video.clock.started:  # no pictures (yet): the audio's own timeline
-            return seconds - self.codec_delay
+        if video is None or not video.clock.started:
+            return None
         by_arrival = video.clock.ts_at(audio.clock.at(seconds))
         wall = audio.wall()
         by_report = video.seconds_at_wall(wall) if wall is not None else None

@@ -38,11 +38,11 @@ JITTER_ALLOWANCE = 0.06
 # MAX_ALLOWANCE: latency is the price of each step.
 ALLOWANCE_PERCENTILE = 95
 LATENESS_KEPT = 50
+ALLOWANCE_HOLD = 2.0
+MAX_ALLOWANCE = 0.3
 # The first pictures' lateness says nothing of the link: they come in a burst after the handshake, and
 # the fastest path is not known yet. The allowance follows from this many pictures on (a second).
 LATENESS_FROM = 25
-ALLOWANCE_HOLD = 2.0
-MAX_ALLOWANCE = 0.3
 # The packet delays the clock map keeps the smallest of: long enough to see the fastest packets
 # through any jitter, short enough to follow a sender's clock that drifts from ours.
 CLOCK_WINDOW = 10.0
@@ -61,7 +61,7 @@ class Picture:
 @dataclass(frozen=True)
 class Audio:
     samples: np.ndarray  # (2, n) float32 planar at AUDIO_RATE
-    ts: float
+    ts: float | None  # None: not on the pictures' timeline (yet), placed by its arrival
     arrived: float
 
 
@@ -111,14 +111,15 @@ class ClockMap:
 class SessionFeed:
     """Feeds one session from its readers, on the event loop; turns their status into events.
 
-    Pictures go in as they arrive (their arrival is their ``captured_at``): the session's clock
-    starts with the first, and each tick takes the newest. Audio is placed where the ticks showed
-    the pictures of the same timestamp (``shown``, given every frame the session releases; until a
-    few have been shown, and for audio from another source, where it arrived), so the output's A/V
-    offset is the source's, whatever the delays on the way; the session retimes it from there
-    (stream/input_audio.py). While no audio comes (an input that dropped, or one without audio),
-    silence is pushed in its place, so the session's audio stage never waits on it and the output
-    carries on with the last picture.
+    Pictures go in on a schedule made from their timestamps (``_picture``; their arrival is their
+    ``captured_at``): the session's clock starts with the first, and each tick takes the newest.
+    Audio is placed where the ticks showed the pictures of the same timestamp (``shown``, given
+    every frame the session releases: the feed is a sink of the session's output); until a few have
+    been shown, where those pictures were pushed; for audio from another source, where it arrived.
+    So the output's A/V offset is the source's, whatever the delays on the way; the session puts
+    timestamped audio block by block where it says (stream/input_audio.py). While no audio comes (an
+    input that dropped, or one without audio), silence is pushed in its place, so the session's
+    audio stage never waits on it and the output carries on with the last picture.
 
     ``audio_from``: which reader's audio drives the session (None: the session takes none of
     theirs, e.g. program audio). ``on_status(reader_name, Status)`` hears every status change.
@@ -178,11 +179,13 @@ class SessionFeed:
         elif name == self.audio_from:
             shown = self._shown_after.get(name)
             pushed = self._pushed_after.get(name)
-            if shown is not None and len(shown) >= MIN_SHOWN:
+            if item.ts is None:
+                began = None
+            elif shown is not None and len(shown) >= MIN_SHOWN:
                 began = item.ts + float(np.median(shown)) + self.allowance
             elif pushed:  # until frames come out (a second or so): where pictures of that moment went in
                 began = item.ts + float(np.median(pushed)) + self.allowance
-            else:  # audio from another source: where it arrived
+            else:  # no picture of this source pushed yet, or audio from another source: where it arrived
                 began = None
             self.session.push_audio(item.samples, AUDIO_RATE, began)
             seconds = item.samples.shape[1] / AUDIO_RATE
