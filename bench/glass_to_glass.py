@@ -58,11 +58,11 @@ import av
 import cv2
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp
-from aiortc.rtp import RtcpSrPacket
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from bench.make_clip import make_clip
 from transport.files import MediaError, read_audio, read_video
+from transport.sender_clock import SenderReport, earliest_wall
 from transport.webrtc import IceSettings, SendDelay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,7 +451,7 @@ class PacketArrivals:
         self._first: int | None = None  # the first packet's timestamp, if the mapper cannot be read
         self._mapper = getattr(receiver, "_RTCRtpReceiver__timestamp_mapper", None)
         self._origin: int | None = None
-        self.reports: list[tuple[float, float, int]] = []  # (arrival, sender's wall seconds, RTP time)
+        self.reports: list[tuple[float, SenderReport]] = []  # (arrival, report)
         handle, reported = receiver._handle_rtp_packet, receiver._handle_rtcp_packet
 
         async def timed(packet, arrival_time_ms: int) -> None:
@@ -461,9 +461,9 @@ class PacketArrivals:
             await handle(packet, arrival_time_ms=arrival_time_ms)
 
         async def report(packet) -> None:
-            if isinstance(packet, RtcpSrPacket) and packet.sender_info.ntp_timestamp:  # aiortc: 0 before it sent
-                info = packet.sender_info
-                self.reports.append((time.monotonic(), info.ntp_timestamp / (1 << 32), info.rtp_timestamp))
+            sender = SenderReport.of(packet)
+            if sender is not None:
+                self.reports.append((time.monotonic(), sender))
             await reported(packet)
 
         receiver._handle_rtp_packet = timed
@@ -487,7 +487,7 @@ class PacketArrivals:
         return None if origin is None or pts is None else origin + pts
 
 
-def presented(reports: list[tuple[float, float, int]], rtp: int | None, at: float, rate: int) -> float | None:
+def presented(reports: list[tuple[float, SenderReport]], rtp: int | None, at: float, rate: int) -> float | None:
     """The sender's wall time of RTP time ``rtp`` (received ``at``): what a receiver's lip-sync lines
     audio and video up by.
 
@@ -498,7 +498,7 @@ def presented(reports: list[tuple[float, float, int]], rtp: int | None, at: floa
     if rtp is None or not reports:
         return None
     near = [r for r in reports if abs(r[0] - at) <= REPORT_SPAN] or [min(reports, key=lambda r: abs(r[0] - at))]
-    return min(wall + ((rtp - reported + (1 << 31)) % (1 << 32) - (1 << 31)) / rate for _, wall, reported in near)
+    return earliest_wall([report for _, report in near], rtp, rate)
 
 
 @dataclass

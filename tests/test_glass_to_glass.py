@@ -23,6 +23,7 @@ from bench.glass_to_glass import (FPS, INDEX_BITS, CHECK_BITS, PACKET, SAMPLES_P
                                   find_markers, first_showings, insert_markers, is_generated, marker_frames, read_stamp,
                                   speech_track, stamp_size, summarise)
 from bench.make_clip import make_clip
+from transport.sender_clock import SenderReport
 from stream.frames import VideoFrame
 from run_stream import main as run_stream
 from transport.files import ping_pong
@@ -160,7 +161,8 @@ def test_figures_from_a_recording_with_known_times(media):
         differences = (30.0, 3.0) if k % 2 else (2.5, 3.0)
         recording.frames.append(ReceivedFrame(k, sent[k] + 0.84, sent[k] + 0.8, 1000 + 3600 * k, differences))
     recording.frames.append(ReceivedFrame(None, sent[-1] + 0.9, None, None, None))
-    recording.reports = {"video": [(100.5, 5000.0, 1000)], "audio": [(100.5, 5000.02, (1 << 32) - 480)]}
+    recording.reports = {"video": [(100.5, SenderReport(5000.0, 1000))],
+                         "audio": [(100.5, SenderReport(5000.02, (1 << 32) - 480))]}
     audio = speech_track(media / "speech_16k.wav", 4.0)
     insert_markers(audio, marker_frames(measured))
     recording.marker_sent = {f: sent[f] for f in marker_frames(measured)}

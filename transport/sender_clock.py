@@ -46,6 +46,20 @@ class SenderReport:
     wall: float  # seconds on the sender's NTP clock
     rtp: int  # the RTP timestamp of that moment
 
+    @classmethod
+    def of(cls, packet) -> SenderReport | None:
+        """A sender report's mapping; None for any other RTCP packet, and for aiortc's zeros before it
+        has sent a packet (a mapping to 1900 would always be the earliest)."""
+        if not isinstance(packet, RtcpSrPacket) or not packet.sender_info.ntp_timestamp:
+            return None
+        return cls(packet.sender_info.ntp_timestamp / _WRAP, packet.sender_info.rtp_timestamp)
+
+
+def earliest_wall(reports, rtp: int, rate: int) -> float:
+    """The sender's wall time of RTP time ``rtp`` (any number: compared modulo 2^32), by whichever of
+    ``reports`` (SenderReport) maps it earliest (REPORTS_KEPT says why)."""
+    return min(report.wall + _signed(rtp - report.rtp) / rate for report in reports)
+
 
 class TrackTimes:
     """One incoming track: its frames' times in seconds, and their wall time from its reports."""
@@ -62,11 +76,9 @@ class TrackTimes:
             return
 
         async def reported(packet) -> None:
-            info = getattr(packet, "sender_info", None)
-            # aiortc reports zeros until it has sent a packet: a mapping to 1900 would be the earliest.
-            if (isinstance(packet, RtcpSrPacket) and info.ntp_timestamp
-                    and (self._streams is None or packet.ssrc in self._streams)):
-                self.reports.append(SenderReport(info.ntp_timestamp / _WRAP, info.rtp_timestamp))
+            report = SenderReport.of(packet)
+            if report is not None and (self._streams is None or packet.ssrc in self._streams):
+                self.reports.append(report)
             await handle(packet)
 
         receiver._handle_rtcp_packet = reported
@@ -84,7 +96,7 @@ class TrackTimes:
         if not self.reports or origin is None or self._last is None:
             return None
         pts, rate = self._last
-        return min(report.wall + _signed(origin + pts - report.rtp) / rate for report in self.reports)
+        return earliest_wall(self.reports, origin + pts, rate)
 
     def seconds_at_wall(self, wall: float) -> float | None:
         """This track's time at the sender's wall time ``wall``."""
