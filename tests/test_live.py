@@ -181,7 +181,11 @@ def _best_lag(piece: np.ndarray, source: np.ndarray, start: int, reach: int) -> 
 
 def test_av_stay_in_sync_over_the_whole_clip(lipsync, speech):
     stats, outputs, _ = play(lipsync, 4.0, speech[1])
-    assert len(outputs) >= 95
+    # Every tick of the 4 s is accounted for: shown, or dropped or skipped (eased) under load, which
+    # a busy 2-core machine makes happen a few times (up to 6 eased frames seen in CI).
+    assert [o.frame.index for o in outputs][-1] == 99
+    assert len(outputs) + stats["dropped_ticks"] + stats["eased_frames"] == 100, stats
+    assert len(outputs) >= 90, stats
     sent = np.concatenate([o.audio for o in outputs], axis=1)[0]
     source = speech[1][0]
     # Each output frame's audio is the source audio at that frame's own timestamp: exactly where the
