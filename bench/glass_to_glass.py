@@ -838,6 +838,14 @@ class HeardMarker:
     presented: float | None  # the sender's wall time of its first sample, by the audio's reports
 
 
+def offset_presented_ms(video_reports: list[tuple[float, SenderReport]], shown: tuple[float, float, int | None],
+                        heard: HeardMarker) -> float | None:
+    """A marker's A/V offset as a receiver's lip-sync presents it (ms, audio late > 0): the chirp's
+    and its picture's (``shown``: first_showings' entry) sender times, by the sender's reports."""
+    wall = presented(video_reports, shown[2], shown[0], VIDEO_CLOCK)
+    return None if heard.presented is None or wall is None else 1000 * (heard.presented - wall)
+
+
 def markers_heard(recording: Recording) -> list[HeardMarker]:
     """Every chirp in the received audio, in order. A packet is played from its arrival."""
     if not recording.audio:
@@ -946,11 +954,8 @@ def summarise(recording: Recording) -> dict:
     matched = match_markers(markers, heard, video)
     offsets = [1000 * (h.arrived - video[m][0]) for m, h in matched.items()]
     offsets_recv = [1000 * (h.received - video[m][1]) for m, h in matched.items() if h.received is not None]
-    offsets_presented = {}
-    for m, h in matched.items():
-        wall = presented(recording.reports.get("video", []), video[m][2], video[m][0], VIDEO_CLOCK)
-        if h.presented is not None and wall is not None:
-            offsets_presented[m] = 1000 * (h.presented - wall)
+    offsets_presented = {m: o for m, h in matched.items()
+                         if (o := offset_presented_ms(recording.reports.get("video", []), video[m], h)) is not None}
     audio_latency = [1000 * (h.arrived - recording.marker_sent[m]) for m, h in matched.items()
                      if m in recording.marker_sent]
 

@@ -54,19 +54,21 @@ SPEECH_RATE = 24_000  # speech_24k.wav, as a TTS would send it: s16le mono
 UTTERANCE_SECONDS = (4.0, 8.0)  # each utterance's length is drawn from this range (seeded)
 PAUSE_SECONDS = (1.0, 3.0)  # and the silence after it
 
-# The CI verdict (tests/test_soak.py): a 2-minute run on a 2-core machine fails on these, and the
-# hour run (README 'Soak') is where smaller trends show. On a 2-minute run the samples are noisy:
-# memory rises while frames queue behind a stall and falls when they drain, and each session that
-# starts or ends moves it; on this machine under other work (load 7-13 on 2 cores), 2-minute
-# windows of a soak rose by up to 160 MB (99th percentile 127 MB) and their A/V offset moved by up
-# to 760 ms: that much load can fail the 2-minute test, which CI runs on a machine of its own. A run fails when the RSS climbs faster than 2 GB/hour *and* by more than 60 MB over
-# the fitted span (90 s): a leak of 1.5 MB/s (three 374x398 RGB pictures a second) does, one of
-# every received picture (11 MB/s) by far; an offset fails when it drifts faster than 2.4 s/hour and by
-# more than 100 ms: 2 ms/s does, a 0.1 % audio clock error (1 ms/s) shows in the hour run only.
+# The CI verdict (tests/test_soak.py): two minutes judged after a minute's warm-up fail on these; the
+# hour run (README 'Soak') is where smaller trends show. Two minutes on 2 cores are noisy: memory
+# rises while frames queue behind a stall and falls when they drain, each session that starts or
+# ends moves it, and with the server, the probe and the avatar sharing 2 cores the A/V offset of a
+# 10 s window swings by hundreds of ms. Measured on this machine (Nov 2026, 2-minute windows of 3- and
+# 5-minute runs, fitted from 30 s in): RSS rises of -35 to +45 MB since closed sessions are freed
+# when they close (transport/process_memory.py; before, +42 to +148 MB), offset rises of up to
+# +-400 ms. So a run fails when its RSS climbs faster than 2 GB/hour *and* by more than 60 MB over the
+# fitted span: a leak of 1.5 MB/s (three 374x398 RGB pictures a second) does, one of every received
+# picture (11 MB/s) by far; an offset fails when it drifts faster than 2.4 s/hour and by more than
+# 600 ms: a 1 % audio clock error (10 ms/s) does; smaller drifts show in the hour run only.
 RSS_LIMIT_MB_PER_HOUR = 2000.0
 RSS_RISE_FLOOR_MB = 60.0
 OFFSET_LIMIT_MS_PER_HOUR = 2400.0
-OFFSET_RISE_FLOOR_MS = 100.0
+OFFSET_RISE_FLOOR_MS = 600.0
 
 
 # -- trends -----------------------------------------------------------------------------------
@@ -119,12 +121,13 @@ def verdict(result: dict) -> list[str]:
     """What the CI test fails on, in words: an RSS or an A/V offset trend past the limits above."""
     samples = result["samples"]
     times = [s["t_s"] for s in samples]
+    warmup = result.get("warmup_s", WARMUP_SECONDS)
     problems = []
-    rss = fit_trend(times, [s["rss_mb"] for s in samples])
+    rss = fit_trend(times, [s["rss_mb"] for s in samples], warmup)
     if growing(rss, RSS_LIMIT_MB_PER_HOUR, RSS_RISE_FLOOR_MB):
         problems.append(f"RSS grows {rss.slope_per_hour:.0f} MB/hour ({rss.rise:.1f} MB over the run; limits "
                         f"{RSS_LIMIT_MB_PER_HOUR:g} MB/hour and {RSS_RISE_FLOOR_MB:g} MB)")
-    offset = fit_trend(times, [s["av_offset_ms"] for s in samples])
+    offset = fit_trend(times, [s["av_offset_ms"] for s in samples], warmup)
     if drifting(offset, OFFSET_LIMIT_MS_PER_HOUR, OFFSET_RISE_FLOOR_MS):
         problems.append(f"A/V offset drifts {offset.slope_per_hour:.0f} ms/hour ({offset.rise:.1f} ms over the "
                         f"run; limits {OFFSET_LIMIT_MS_PER_HOUR:g} ms/hour and {OFFSET_RISE_FLOOR_MS:g} ms)")
@@ -369,6 +372,7 @@ class SoakSettings:
     json_path: str | None = None
     png_path: str | None = None
     avatar: bool = True  # the MQTT-driven avatar session alongside
+    warmup: float = WARMUP_SECONDS  # s left out of the trend fits
 
 
 def _server_sessions(view: dict | None) -> dict:
@@ -483,10 +487,9 @@ def summarise_soak(result: dict) -> dict:
     """Slopes and start/end figures from the samples (the first and last minute each)."""
     samples = result["samples"]
     times = [s["t_s"] for s in samples]
-    rss = fit_trend(times, [s["rss_mb"] for s in samples])
-    offset = fit_trend(times, [s["av_offset_ms"] for s in samples])
-    fds = fit_trend(times, [s["fds"] for s in samples])
-    threads = fit_trend(times, [s["threads"] for s in samples])
+    warmup = result.get("warmup_s", WARMUP_SECONDS)
+    rss, offset, fds, threads = (fit_trend(times, [s[key] for s in samples], warmup)
+                                 for key in ("rss_mb", "av_offset_ms", "fds", "threads"))
 
     def median_of(key: str, first: bool, span: float = 60.0) -> float | None:
         if not samples:
@@ -542,7 +545,8 @@ def plot(result: dict, path: str) -> None:
     summary = result.get("summary") or {}
     rss = summary.get("rss_mb_per_hour") or {}
     axes[0].set_title(f"soak: {result['config']}, {result['minutes']:g} min, {result['machine']['cpu']}; "
-                      f"RSS {rss.get('slope_per_hour', float('nan')):+.0f} MB/h (after {WARMUP_SECONDS:g} s)",
+                      f"RSS {rss.get('slope_per_hour', float('nan')):+.0f} MB/h "
+                      f"(after {result.get('warmup_s', WARMUP_SECONDS):g} s)",
                       fontsize=9)
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -558,7 +562,7 @@ def run(settings: SoakSettings) -> dict:
     if not 2 <= settings.cycle <= 600:
         raise g2g.ProbeError("--cycle: from 2 to 600 seconds")
     result = {"config": settings.config, "minutes": settings.minutes, "cycle_s": settings.cycle,
-              "sample_s": SAMPLE_SECONDS, "warmup_s": WARMUP_SECONDS, "avatar_over_mqtt": settings.avatar,
+              "sample_s": SAMPLE_SECONDS, "warmup_s": settings.warmup, "avatar_over_mqtt": settings.avatar,
               "machine": g2g._machine(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "samples": []}
 
@@ -589,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="soak.json", help="samples and summary (default: soak.json)")
     parser.add_argument("--png", default="soak.png", help="the plot (default: soak.png)")
     parser.add_argument("--no-avatar", action="store_true", help="no MQTT-driven avatar session")
+    parser.add_argument("--warmup", type=float, default=WARMUP_SECONDS,
+                        help=f"seconds left out of the trend fits (default: {WARMUP_SECONDS:g})")
     parser.add_argument("--from-json", metavar="JSON",
                         help="run nothing: summarise and plot the samples of an earlier run again")
     args = parser.parse_args(argv)
@@ -601,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = run(SoakSettings(args.minutes, args.config, args.cycle, g2g.parse_size(args.size),
-                                  args.json, args.png, not args.no_avatar))
+                                  args.json, args.png, not args.no_avatar, args.warmup))
     except g2g.ProbeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

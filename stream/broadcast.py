@@ -66,6 +66,10 @@ class Broadcast:
 
     def _end(self) -> None:
         self.ended = True
+        # The session holds its broadcast: once the stream is over, let go of the session, so that a
+        # closed session is freed as soon as nothing else holds it rather than by the cycle collector,
+        # whose full passes come rarely in a process of this many objects.
+        self._session = None
         sinks, self._sinks = self._sinks, []
         for sink in sinks:
             sink.end()

@@ -534,6 +534,9 @@ class LiveSession:
         for task in (self._program_task, self._switching):
             if task is not None:
                 task.cancel()
+        # A cancelled task keeps its CancelledError, whose traceback holds the coroutine's frame and so
+        # this session: let go of them, or the session lives on until a full pass of the cycle collector.
+        self._program_task = self._switching = None
         await self.broadcast.close()
         if self._task is not None:
             self._task.cancel()

@@ -185,6 +185,12 @@ class ServerThread(ServerRequests):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
 
+    def call(self, function):
+        """``function()``'s result, called on the server's loop (which owns the server's state)."""
+        async def on_loop():
+            return function()
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(10)
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:

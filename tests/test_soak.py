@@ -1,11 +1,12 @@
-"""The soak (bench/soak.py) for two minutes, and its trend verdict on series made to leak.
+"""The soak (bench/soak.py) for two minutes after a minute's warm-up, and its trend verdict on series
+made to leak.
 
-The 2-minute run is the real thing, shortened: ``run_stream.py serve --config tiny`` with the MQTT
-bridge in a subprocess, mosquitto started here, the glass-to-glass probe as a WebRTC camera peer
-(one session after another, CYCLE seconds each) and an avatar session fed speech over MQTT, all
-on loopback. It fails on a growing RSS or A/V offset trend (the limits are bench/soak.py's, with
-their reasons); the verdict itself is shown to fail on a leak and a drift made up here, and to let
-through the noise and the steps a busy machine makes.
+The short run is the real thing: ``run_stream.py serve --config tiny`` with the MQTT bridge in a
+subprocess, mosquitto started here, the glass-to-glass probe as a WebRTC camera peer (one session
+after another, CYCLE seconds each) and an avatar session fed speech over MQTT, all on loopback. It
+fails on a growing RSS or A/V offset trend over the two minutes after WARMUP (the limits are
+bench/soak.py's, with their reasons); the verdict itself is shown to fail on a leak and a drift made
+up here, and to let through the noise and the steps a busy machine makes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pytest
 
 from bench import soak
 
-MINUTES = 2.0
-CYCLE = 40.0  # s per WebRTC session: three sessions start and end in the run
+MINUTES = 3.0
+WARMUP = 60.0  # s: the first sessions' arenas and the offset settle (bench/soak.py's limits)
+CYCLE = 40.0  # s per WebRTC session: four sessions start and three end in the run
 
 
 def samples(rss_mb: np.ndarray, offset_ms: np.ndarray) -> dict:
@@ -34,16 +36,17 @@ def test_the_verdict_fails_a_leak_or_a_drift_and_passes_noise():
     quiet_rss = 1000 + rng.normal(0, 15, n)
     quiet_offset = 20 + rng.normal(0, 30, n)
     # A busy machine: a stall queues frames (+120 MB for one sample), an allocator arena grows once
-    # (+20 MB from then on), one window's offset rests on a single bad marker.
+    # (+20 MB from then on), one window's offset rests on a single bad marker, the last three sit
+    # 250 ms later.
     busy_rss = quiet_rss + 120 * (t == 70) + 20 * (t >= 90)
-    busy_offset = quiet_offset + 400 * (t == 80)
+    busy_offset = quiet_offset + 400 * (t == 80) + 250 * (t >= 100)
     assert soak.verdict(samples(quiet_rss, quiet_offset)) == []
     assert soak.verdict(samples(busy_rss, busy_offset)) == []
 
     leak = quiet_rss + 1.5 * t  # 1.5 MB/s: three 374x398 RGB pictures a second
     problems = soak.verdict(samples(leak, quiet_offset))
     assert len(problems) == 1 and problems[0].startswith("RSS grows"), problems
-    drift = quiet_offset - 2.0 * t  # audio 2 ms/s earlier
+    drift = quiet_offset - 10.0 * t  # audio 10 ms/s earlier: a 1 % clock error
     problems = soak.verdict(samples(quiet_rss, drift))
     assert len(problems) == 1 and problems[0].startswith("A/V offset drifts"), problems
 
@@ -52,11 +55,11 @@ def test_the_verdict_fails_a_leak_or_a_drift_and_passes_noise():
     assert soak.fit_trend([10.0, 20.0], [1.0, 2.0]) is None, "too few points for a trend"
 
 
-def test_two_minutes_of_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset(tmp_path):
+def test_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset_over_two_minutes(tmp_path):
     if not soak.MOSQUITTO.exists():
         pytest.skip(f"needs mosquitto at {soak.MOSQUITTO} (apt-get install mosquitto)")
     settings = soak.SoakSettings(minutes=MINUTES, cycle=CYCLE, json_path=str(tmp_path / "soak.json"),
-                                 png_path=str(tmp_path / "soak.png"))
+                                 png_path=str(tmp_path / "soak.png"), warmup=WARMUP)
     result = soak.run(settings)
     summary = result["summary"]
     print(f"\nsoak {MINUTES:g} min: " + json.dumps({k: summary[k] for k in (
@@ -66,15 +69,12 @@ def test_two_minutes_of_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset(t
     assert json.loads((tmp_path / "soak.json").read_text())["summary"] == summary
     assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
 
-    measured = [s for s in result["samples"] if s["t_s"] >= soak.WARMUP_SECONDS]
-    assert len(result["samples"]) >= 11 and summary["rss_mb_per_hour"]["points"] >= 8
+    measured = [s for s in result["samples"] if s["t_s"] >= WARMUP]
+    assert len(result["samples"]) >= 17 and summary["rss_mb_per_hour"]["points"] >= 11
     assert summary["av_offset_ms_per_hour"] is not None and summary["av_offset_ms_per_hour"]["points"] >= 5, \
         "too few windows with a marker matched to judge the offset"
     assert sum(s["frames"] > 0 for s in measured) >= 0.8 * len(measured), "the WebRTC session stalled"
     assert sum((s["avatar_frames"] or 0) > 0 for s in measured) >= 0.8 * len(measured), "the avatar stalled"
     assert result["webrtc_runs"], "no WebRTC session ran to its end"
     assert summary["errors"]["probe"] == 0 and summary["errors"]["mqtt"] == 0, result["errors"]
-    # Not asserted here: summary["verdict"]. In two minutes the resident set's start-up ramp (about
-    # 10 minutes long in the hour's run) and the offset settling cannot be told from a leak or a
-    # drift; the verdict's rule is tested on made-up series above, and the hour's run is in the
-    # README ('Soak'). What a short run can show, it shows: both sessions kept going without errors.
+    assert summary["verdict"] == [], summary["verdict"]

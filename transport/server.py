@@ -49,7 +49,7 @@ from transport.connections import start_listening
 from transport.mqtt import MqttBridge, MqttSettings
 from transport.logs import JsonLines
 from transport.metrics import SessionMetrics
-from transport.process_memory import limit_malloc_arenas
+from transport.process_memory import CycleCollector, freeze_loaded_objects, limit_malloc_arenas
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class LipstreamServer:
         self.access = Access(settings.host, settings.token, settings.allowed_hosts)
         self._uploads = asyncio.Semaphore(settings.max_uploads)
         self.peers: set[Peer] = set()
+        self.cycles = CycleCollector()  # frees closed sessions and peers (transport/process_memory.py)
         self.mqtt: MqttBridge | None = None
         self._uninstall_ice = None
         self.metrics = SessionMetrics(self.manager)  # other transports add gauges (add_gauge)
@@ -134,6 +135,10 @@ class LipstreamServer:
 
     async def _startup(self, app: web.Application) -> None:
         limit_malloc_arenas()  # before any session's threads (transport/process_memory.py)
+        freeze_loaded_objects()  # the models and libraries: out of every later collector pass
+        self.manager.on_created(lambda session: session.on_closed(self.cycles.closed))
+        self.metrics.add_gauge("lipstream_gc_seconds", lambda: self.cycles.seconds,
+                               "Seconds spent collecting what closed sessions left in reference cycles")
         self._uninstall_ice = self.settings.ice.install(asyncio.get_running_loop())
         self.manager.start_expiry()
         worker = self.lipsync.worker
@@ -160,6 +165,11 @@ class LipstreamServer:
         if self._uninstall_ice is not None:
             self._uninstall_ice()
             self._uninstall_ice = None
+        self.cycles.cancel()
+
+    def _peer_closed(self, peer: Peer) -> None:
+        self.peers.discard(peer)
+        self.cycles.closed()
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
@@ -188,7 +198,7 @@ class LipstreamServer:
             return _error(503, str(exc))
         except (BadInput, commands.CommandError, OptionError, SessionError, UnknownAvatar) as exc:
             return _error(400, str(exc))
-        peer = Peer(session, self.settings.ice, role=MODES[mode], on_closed=self.peers.discard)
+        peer = Peer(session, self.settings.ice, role=MODES[mode], on_closed=self._peer_closed)
         self.peers.add(peer)
         try:
             answer = await peer.answer(offer)
