@@ -16,8 +16,11 @@ checked on held-out media (``bench/face_alignment.py``, README "Fidelity: face a
 
 * brows, both mappings: the upper contour's middle (105, 66) and the lower contour's middle (53, 65);
   mirrored on the other brow. The exhaustive search over the brows' ten symmetric pairs picked these.
-* nose, 1.5: the greedy search's mean of 4 (tip) and two symmetric pairs on the nose sides (220/440,
-  115/344); it lands on the iBUG 27-35 mean, which no anatomical one-to-one match of the nine points did.
+* nose, 1.5: iBUG 27-35 one to one, each by the FaceMesh point at the same place on the face: 168
+  (between the eyes, 27), 197 and 5 down the bridge (28, 29), 4 (the tip, 30), and the base from
+  wing to wing, 75, 97, 2, 326, 305 (31-35). It replaced a searched mean (4, 220/440, 115/344) that
+  landed on the reference's mean on speaker_wide but not on a face of other proportions: the drawn
+  anime face's long bridge, which only points along the bridge follow.
 * nose, 1.6: upstream's structure (lower bridge 5, tip 4, one symmetric pair on the sides) with the pair
   (75/305, the alar wings) chosen by the same calibration against a dlib proxy of 74/77/83/86 (iBUG 29, 30,
   31, 35). InsightFace cannot run here (its models are a download), so 1.6's residual is against that proxy.
@@ -50,6 +53,6 @@ _BROW_IMAGE_LEFT = (105, 66, 53, 65)
 _BROW_IMAGE_RIGHT = (334, 296, 283, 295)  # the mirror images of the left group, in the same order
 
 MAPPINGS = {
-    "ibug68": AlignmentPoints(_BROW_IMAGE_LEFT, _BROW_IMAGE_RIGHT, (4, 220, 440, 115, 344)),
+    "ibug68": AlignmentPoints(_BROW_IMAGE_LEFT, _BROW_IMAGE_RIGHT, (168, 197, 5, 4, 75, 97, 2, 326, 305)),
     "insightface106": AlignmentPoints(_BROW_IMAGE_LEFT, _BROW_IMAGE_RIGHT, (5, 4, 75, 305)),
 }

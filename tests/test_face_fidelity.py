@@ -41,15 +41,16 @@ def test_every_frame_has_both_faces(tracked):
 
 @pytest.mark.parametrize("name", REAL_FACES)
 def test_15_stand_ins_put_the_mouth_where_the_68_point_recipe_does(tracked, name):
-    # Measured 1.06 % (speaker_wide, calibration clip) and 1.32 % (portrait, held out); before: 1.80, 1.35.
+    # Measured 0.89 % (speaker_wide, calibration clip) and 0.89 % (portrait, held out); before: 1.80, 1.35.
     assert residual_percent(tracked, name, "ibug68") <= 1.5
 
 
 def test_15_stand_ins_on_the_stylised_face(tracked):
-    # Held out. FaceMesh and dlib disagree about where a drawn brow is (FaceMesh's sit ~4 px wider in the
-    # crop): a mapping fitted to this clip reaches 1.05 % here but 4.6 % on speaker_wide, so the real faces
-    # the checkpoints were trained on win. Measured 3.07 % (before: 3.21 %); this bound catches regressions.
-    assert residual_percent(tracked, STYLISED, "ibug68") <= 3.5
+    # Held out. FaceMesh and dlib agree about the drawn nose but not the drawn brows (FaceMesh's stop short
+    # of the strokes' ends and sit ~7 px farther apart in the crop): no fixed mapping found is within 1.5 %
+    # here and on the real faces at once (README, 'Fidelity'). Measured 2.35 % (before: 3.21 %); this bound
+    # catches regressions.
+    assert residual_percent(tracked, STYLISED, "ibug68") <= 2.8
 
 
 @pytest.mark.parametrize("name, bound", [("speaker_wide.mp4", 1.5), ("portrait.png", 1.5), (STYLISED, 3.0)])
@@ -63,7 +64,7 @@ def test_smoothed_tracking_jitters_less_than_before(tracked, name):
     clip = tracked[0][name]
     before = fa.clip_jitter(clip, fa.BEFORE, None)
     now = fa.clip_jitter(clip, MAPPINGS["ibug68"], PointSmoother(fa.FPS))
-    # Measured 1.98 -> 1.86 and 5.67 -> 5.43 px; the mouth's own motion while speaking is most of the rest.
+    # Measured 1.98 -> 1.77 and 5.67 -> 5.59 px; the mouth's own motion while speaking is most of the rest.
     assert now < before - 0.05, f"{before:.2f} -> {now:.2f} px"
 
 
@@ -71,5 +72,5 @@ def test_lag_on_a_fast_head_motion_stays_small(tracked):
     clips, frames = tracked
     turn = fa.fast_turn(frames, clips["speaker_wide.mp4"], MAPPINGS["ibug68"])
     worst, mean = fa.lag(turn, PointSmoother(fa.FPS))
-    # Measured 2.9 px worst, 2.4 px mean while moving, for a head-width move and 15 degree roll in 0.24 s.
+    # Measured 3.0 px worst, 2.4 px mean while moving, for a head-width move and 15 degree roll in 0.24 s.
     assert worst <= 4.0 and mean <= 3.0, f"worst {worst:.2f}, mean {mean:.2f} px"
