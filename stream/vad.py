@@ -7,6 +7,8 @@ computation split in time.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from faster_whisper.vad import get_vad_model
 
@@ -15,6 +17,9 @@ CONTEXT = 64
 # A chunk this quiet (-80 dBFS) is silence whatever the model's recurrent state still says: after
 # speech cut off by an interrupt, Silero goes on reporting speech for a few chunks of pure zeros.
 SILENCE_RMS = 1e-4
+# Frames ask about their own moment, a fraction of a second back: a minute of chunks is plenty, and
+# a stream that runs for days keeps no more.
+KEPT_SECONDS = 60.0
 
 
 class StreamingVad:
@@ -24,7 +29,9 @@ class StreamingVad:
         self._state = (np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
         self._context = np.zeros(CONTEXT, np.float32)
         self._pending = np.zeros(0, np.float32)
-        self.probabilities: list[float] = []  # one per 32 ms chunk since the stream began
+        # One per 32 ms chunk, the last KEPT_SECONDS of them; chunk i of the stream is at i - first_kept.
+        self.probabilities: collections.deque[float] = collections.deque(maxlen=int(KEPT_SECONDS * 16000 / CHUNK))
+        self.chunks = 0  # seen since the stream began
 
     def push(self, samples_16k: np.ndarray) -> None:
         self._pending = np.concatenate([self._pending, samples_16k.astype(np.float32)])
@@ -39,11 +46,13 @@ class StreamingVad:
             output, h, c = self._model.session.run(None, {"input": batch, "h": h, "c": c})
             silent = float(np.sqrt(np.mean(chunk ** 2))) < SILENCE_RMS
             self.probabilities.append(0.0 if silent else float(np.asarray(output).reshape(-1)[0]))
+            self.chunks += 1
             self._context = chunk[-CONTEXT:]
         self._state = (h, c)
 
     def speaking(self, start_s: float, end_s: float) -> bool:
         """Whether any chunk overlapping [start_s, end_s) is speech."""
-        first = max(0, int(start_s * 16000) // CHUNK)
-        last = int(np.ceil(end_s * 16000 / CHUNK))
-        return any(p >= self.threshold for p in self.probabilities[first:last])
+        first_kept = self.chunks - len(self.probabilities)
+        first = max(first_kept, int(start_s * 16000) // CHUNK)
+        last = min(self.chunks, int(np.ceil(end_s * 16000 / CHUNK)))
+        return any(self.probabilities[i - first_kept] >= self.threshold for i in range(first, last))
