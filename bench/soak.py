@@ -31,8 +31,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,10 +42,10 @@ import aiomqtt
 import numpy as np
 
 from bench import glass_to_glass as g2g
+from bench.mosquitto import MOSQUITTO, BrokerError, Mosquitto
 
 SAMPLE_SECONDS = 10.0
 WARMUP_SECONDS = 30.0  # left out of the trend fits: models, codecs and arenas settle first
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 PREFIX = "lipstream"
 AVATAR_SESSION = "soak"
 SPEECH_RATE = 24_000  # speech_24k.wav, as a TTS would send it: s16le mono
@@ -168,36 +166,20 @@ def log_errors(path: str) -> list[str]:
 
 
 class Broker:
-    """mosquitto on 127.0.0.1 and a free port, with its own config and no persistence."""
+    """mosquitto (bench/mosquitto.py) in a folder of its own, removed when it stops."""
 
     def __init__(self) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="lipstream-soak-mqtt-")
-        self.port = g2g._free_port()
-        config = Path(self.folder.name) / "mosquitto.conf"
-        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self._log = open(Path(self.folder.name) / "mosquitto.log", "w")
-        self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(config)], stdout=self._log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise g2g.ProbeError(f"mosquitto did not start on 127.0.0.1:{self.port}")
-                time.sleep(0.05)
+        self.mosquitto = Mosquitto(Path(self.folder.name))
+        self.port = self.mosquitto.port
+        try:
+            self.mosquitto.start()
+        except BrokerError as exc:
+            self.folder.cleanup()
+            raise g2g.ProbeError(str(exc)) from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(10)
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
+        self.mosquitto.stop()
         self.folder.cleanup()
 
 

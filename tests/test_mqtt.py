@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import aiomqtt
 import numpy as np
 import pytest
 
-from media_helpers import ServerThread, Viewer, free_port
+from bench.mosquitto import MOSQUITTO, Mosquitto
+from media_helpers import ServerThread, Viewer
 from stream.avatars import AvatarStore
 from stream.sessions import SessionManager
 from transport.mqtt import MqttBridge, MqttSettings
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 pytestmark = pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs Debian's mosquitto broker at "
                                 "/usr/sbin/mosquitto (apt-get install mosquitto); the test starts its own")
 RATE = 24_000
@@ -34,47 +31,9 @@ FPS = 25
 TIMEOUT = 60
 
 
-class Broker:
-    """mosquitto on 127.0.0.1 and a free port, no persistence: a restart forgets every retained message."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.log = folder / "mosquitto.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.config)], stdout=log,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert self.process.poll() is None, f"mosquitto exited: {self.log.read_text()}"
-                assert time.monotonic() < deadline, f"mosquitto is not listening: {self.log.read_text()}"
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        """As a crash: no goodbye to any client."""
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    running = Broker(tmp_path_factory.mktemp("mosquitto"))
+    running = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     running.start()
     yield running
     running.stop()
