@@ -61,6 +61,12 @@ def freeze_loaded_objects() -> None:
     gc.freeze()
 
 
+def thaw_loaded_objects() -> None:
+    """Undo ``freeze_loaded_objects`` when the server stops: frozen objects are not freed at exit,
+    and extensions that count theirs (triton's nanobind) then print leak reports."""
+    gc.unfreeze()
+
+
 class CycleCollector:
     """A collector pass shortly after sessions close: one for several that close together."""
 

@@ -49,7 +49,8 @@ from transport.connections import start_listening
 from transport.mqtt import MqttBridge, MqttSettings
 from transport.logs import JsonLines
 from transport.metrics import SessionMetrics
-from transport.process_memory import CycleCollector, freeze_loaded_objects, limit_malloc_arenas
+from transport.process_memory import (CycleCollector, freeze_loaded_objects, limit_malloc_arenas,
+                                      thaw_loaded_objects)
 from transport.webrtc import IceSettings, Peer
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class LipstreamServer:
             self._uninstall_ice()
             self._uninstall_ice = None
         self.cycles.cancel()
+        thaw_loaded_objects()
 
     def _peer_closed(self, peer: Peer) -> None:
         self.peers.discard(peer)
