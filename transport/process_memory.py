@@ -73,7 +73,6 @@ class CycleCollector:
     def __init__(self, delay: float = 1.0) -> None:
         self._delay = delay  # a peer's tasks end on the loop after close() returns
         self._pending: asyncio.TimerHandle | None = None
-        self.passes = 0
         self.seconds = 0.0  # spent in passes, all threads stopped
 
     def closed(self, *_) -> None:
@@ -85,9 +84,9 @@ class CycleCollector:
         self._pending = None
         started = time.perf_counter()
         freed = gc.collect()
-        self.passes += 1
-        self.seconds += time.perf_counter() - started
-        log.debug("collected %d objects in %.1f ms", freed, 1000 * (time.perf_counter() - started))
+        took = time.perf_counter() - started
+        self.seconds += took
+        log.debug("collected %d objects in %.1f ms", freed, 1000 * took)
 
     def cancel(self) -> None:
         if self._pending is not None:
