@@ -847,26 +847,41 @@ def offset_presented_ms(video_reports: list[tuple[float, SenderReport]], shown: 
 
 
 def markers_heard(recording: Recording) -> list[HeardMarker]:
-    """Every chirp in the received audio, in order. A packet is played from its arrival."""
-    if not recording.audio:
+    """Every chirp in the received audio whose every sample came back, in order. A packet is
+    played from its arrival.
+
+    The packets are laid out by their RTP times: over a lossy link a chirp that lost a packet,
+    spliced to what came after it, would be found tens of ms early. Such a chirp is left out.
+    """
+    count = min(len(recording.audio), len(recording.audio_rtp))  # a recording read while it is made
+    packets = [k for k in range(count) if recording.audio_rtp[k] is not None]
+    if not packets:
         return []
-    sizes = [len(a) for a in recording.audio]
-    starts = np.cumsum([0] + sizes)
+    base = recording.audio_rtp[packets[0]]
+    offsets = {k: (recording.audio_rtp[k] - base) % (1 << 32) for k in packets}  # wrapped or not
+    end = max(offsets[k] + len(recording.audio[k]) for k in packets)
+    audio = np.zeros(end, np.float32)
+    received = np.zeros(end, bool)
+    for k in packets:
+        audio[offsets[k] : offsets[k] + len(recording.audio[k])] = recording.audio[k]
+        received[offsets[k] : offsets[k] + len(recording.audio[k])] = True
+    starts = np.array([offsets[k] for k in packets])
+    sizes = [len(recording.audio[k]) for k in packets]
     prefetch = recording.audio_prefetch
     held = prefetch * float(np.median(sizes)) / AUDIO_RATE if prefetch else None
+    length = round(CHIRP_SECONDS * AUDIO_RATE)
     heard = []
-    for start, score in find_markers(np.concatenate(recording.audio)):
-        packet = int(np.searchsorted(starts, start, side="right") - 1)
-        into = (start - starts[packet]) / AUDIO_RATE
-        received = recording.audio_received[packet]
+    for start, score in find_markers(audio):
+        if not received[start : start + length].all():
+            continue
+        packet = packets[int(np.searchsorted(starts, start, side="right") - 1)]
+        into = (start - offsets[packet]) / AUDIO_RATE
+        at = recording.audio_received[packet]
         arrived = recording.audio_arrived[packet]
         if arrived is None:
-            arrived = received - (held or 0.0)
-        # A recording read while it is made (bench/soak.py) may not have the newest packet's yet.
-        rtp = recording.audio_rtp[packet] if packet < len(recording.audio_rtp) else None
-        wall = presented(recording.reports.get("audio", []), None if rtp is None else rtp + start - starts[packet],
-                         arrived, AUDIO_RATE)
-        heard.append(HeardMarker(arrived + into, None if held is None else received - held + into, score, wall))
+            arrived = at - (held or 0.0)
+        wall = presented(recording.reports.get("audio", []), base + start, arrived, AUDIO_RATE)
+        heard.append(HeardMarker(arrived + into, None if held is None else at - held + into, score, wall))
     return heard
 
 

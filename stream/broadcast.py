@@ -1,7 +1,8 @@
 """A session's one output pump: every frame the session releases goes to every subscriber.
 
 Subscribers are a transport's sinks (a WebRTC viewer's tracks, an RTMP writer): objects with
-``offer(at, output)``, called on the event loop with the seconds since the first frame left, and
+``offer(at, output)``, called on the event loop as each frame leaves, with ``at`` the frame's time on
+the session's output clock (its ``due``) in seconds since the first frame's, and
 ``end()``, called once when the stream ends. The pump runs whether or not anyone watches, so a
 session's clock, events and counters advance the same for zero viewers or ten. A sink that
 is slower than the session must drop on its own side; ``offer`` never blocks.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Broadcast:
         self._session = session
         self._sinks: list[Sink] = []
         self._task: asyncio.Task | None = None
-        self.origin: float | None = None  # time.monotonic() when the first frame left the session
+        self.origin: float | None = None  # time.monotonic() when the first frame was due
         self.ended = False
 
     @property
@@ -53,10 +53,9 @@ class Broadcast:
     async def _run(self) -> None:
         try:
             while (out := await self._session.output()) is not None:
-                now = time.monotonic()
-                self.origin = now if self.origin is None else self.origin
+                self.origin = out.due if self.origin is None else self.origin
                 for sink in list(self._sinks):
-                    sink.offer(now - self.origin, out)
+                    sink.offer(out.due - self.origin, out)
         except asyncio.CancelledError:
             raise
         except Exception:

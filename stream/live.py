@@ -71,6 +71,10 @@ EARLY_AUDIO = 2.0  # seconds of a camera session's audio kept from before its fi
 class LiveOutput:
     frame: VideoFrame
     audio: np.ndarray  # (2, n) float32 planar at 48 kHz: exactly this frame's 1/fps
+    # time.monotonic() at which the frame is due on the output clock. Consecutive frames are due
+    # 1/fps apart, also across a frame skipped to ease the delay back down (its audio is skipped
+    # with it); a slip puts the gap it leaves in both picture and sound. Transports time both from it.
+    due: float
 
 
 class _OutputSink:
@@ -430,6 +434,7 @@ class LiveSession:
         elif now - due > 1.0 / self.fps:
             self._anchor = now - frame.pts
             self.clock_slips += 1
+            due = now
         emitted = time.monotonic()
         self._first_output_at = self._first_output_at or emitted
         self._last_output_at = emitted
@@ -445,7 +450,7 @@ class LiveSession:
         self._shown_until = frame.pts + 1.0 / self.fps
         if self._program is not None:
             self._report_speech()
-        return LiveOutput(frame, audio)
+        return LiveOutput(frame, audio, due)
 
     def _eases_back(self) -> bool:
         """Whether to skip this frame to bring the playout delay down to what recent frames needed.

@@ -18,7 +18,7 @@ from aiortc.codecs import depayload, get_decoder, get_encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from bench.glass_to_glass import (FPS, INDEX_BITS, CHECK_BITS, PACKET, SAMPLES_PER_FRAME, STAMP_BLOCK,
+from bench.glass_to_glass import (FPS, INDEX_BITS, CHECK_BITS, MARKER_FRAME, PACKET, SAMPLES_PER_FRAME, STAMP_BLOCK,
                                   STAMP_COLUMNS, Clip, FaceRegions, ReceivedFrame, Recording, draw_stamp,
                                   find_markers, first_showings, insert_markers, is_generated, marker_frames, read_stamp,
                                   speech_track, stamp_size, summarise)
@@ -185,6 +185,18 @@ def test_figures_from_a_recording_with_known_times(media):
     assert result["model_fraction"] == pytest.approx(37 / 75, abs=1e-3)
     assert result["stamps_rejected"] == 1 and result["frames_received"] == measured
     assert result["receiver_hold_ms"] == {"video_p50": 40.0, "audio_p50": 80.0, "audio_prefetch_packets": 4}
+
+    # Packets lost on the way back: one just before the first marker's chirp (it stays where it
+    # was), and the first of the second's (spliced to the one before, it would be found 20 ms early:
+    # it is left out).
+    chirp_packets = [round(MARKER_FRAME * 48_000 / FPS + 48_000 * m) // PACKET for m in (0, 1)]
+    for lost in sorted([chirp_packets[0] - 1, chirp_packets[1]], reverse=True):
+        for packets in (recording.audio, recording.audio_arrived, recording.audio_received, recording.audio_rtp):
+            del packets[lost]
+    lossy = summarise(recording)
+    assert lossy["markers"]["heard"] == 2 and lossy["av_offsets_ms"] == {str(MARKER_FRAME): 30.0,
+                                                                        str(MARKER_FRAME + 2 * FPS): 30.0}
+    assert lossy["av_offset_presented_ms"]["max_abs"] == pytest.approx(20.0, abs=0.5)
 
 
 def test_a_picture_is_timed_only_where_its_first_showing_came_back():

@@ -225,6 +225,13 @@ def test_queues_stay_bounded_when_the_model_is_slow(lipsync, speech):
     assert stats["latency_ms"]["p95"] < 2000
     assert len(session.generation._ring) <= 16
     assert [o.frame.index for o in outputs] == sorted(o.frame.index for o in outputs)
+    # Each frame's time on the output clock, which transports stamp picture and sound with: never
+    # closer to the one before than a frame (sound never overlaps), and as far as their media times
+    # but where the clock slipped (further) or a frame was skipped to ease the delay (a frame apart).
+    steps = [(b.due - a.due, b.frame.pts - a.frame.pts) for a, b in zip(outputs, outputs[1:])]
+    assert all(due >= 1 / 25 - 1e-6 for due, _ in steps), steps
+    moved = [(due, pts) for due, pts in steps if abs(due - pts) > 1e-6]
+    assert 0 < len(moved) <= stats["clock_slips"] + stats["eased_frames"], (moved, stats)
 
 
 def test_silence_leaves_frames_untouched(lipsync, speech):

@@ -1,19 +1,22 @@
 """Where the WebRTC transport puts media in time: incoming audio on the video's timeline (by the
-sender's reports, else by arrival), and outgoing audio's timestamps when frames leave late."""
+sender's reports, else by arrival), and outgoing audio's timestamps against its pictures'."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from fractions import Fraction
 from types import SimpleNamespace
 
+import av
 import numpy as np
 import pytest
 from aiortc.rtp import RtcpSenderInfo, RtcpSrPacket
 
 from transport.sender_clock import REPORT_TRUSTED, SenderClock
-from transport.webrtc import AUDIO_RATE, OutputAudioTrack, SendDelay
+from transport.webrtc import AUDIO_CHUNK, AUDIO_RATE, OutputAudioTrack, OutputVideoTrack
 
 VIDEO_RATE = 90_000
 SSRC = {"audio": 1111, "video": 2222}
@@ -119,33 +122,56 @@ def test_another_streams_report_is_ignored(peer):
     assert arrive(clock, "audio", 0.3) == pytest.approx(0.3, abs=1e-6)
 
 
-def _sent_audio(frames_at: list[float]) -> list[int]:
-    """The pts of each 20 ms packet the output audio track makes of frames that left at ``frames_at``."""
-    fps = 25
-    output = SimpleNamespace(origin=time.monotonic() - 100.0, start=lambda: None,
-                             video=SimpleNamespace(send_delay=SendDelay()))
-    track = OutputAudioTrack(output)
-    rng = np.random.default_rng(0)
-    for at in frames_at:
-        track.offer(at, rng.uniform(-0.5, 0.5, (2, AUDIO_RATE // fps)).astype(np.float32))
+def _sent(frames_at: list[float], fps: int) -> tuple[list[int], list[av.AudioFrame]]:
+    """What the two outgoing tracks make of frames due at ``frames_at`` (s on the session's output
+    clock): each picture's pts, and the 20 ms audio packets. Frame k's sound is the level LEVEL(k)."""
+    output = SimpleNamespace(origin=time.monotonic() - 100.0, start=lambda: None)
+    video, audio = OutputVideoTrack(output), OutputAudioTrack(output)
+    output.video = video
+    image = np.full((16, 16, 3), 128, np.uint8)
+    for k, at in enumerate(frames_at):
+        audio.offer(at, np.full((2, AUDIO_RATE // fps), LEVEL(k), np.float32))
 
-    async def packets() -> list[int]:
-        return [(await track.recv()).pts for _ in range(2 * len(frames_at))]
-    return asyncio.run(packets())
+    async def tracks() -> tuple[list[int], list[av.AudioFrame]]:
+        pictures, packets = [], []
+        for at in frames_at:  # the video track keeps only the newest frames: one at a time
+            video.offer(at, image)
+            pictures.append((await video.recv()).pts)
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:  # until the track waits for more
+                packets.append(await asyncio.wait_for(audio.recv(), 0.5))
+        return pictures, packets
+    return asyncio.run(tracks())
 
 
-def test_one_late_frame_leaves_the_audio_on_its_time():
-    frames_at = [k / 25 for k in range(12)]
-    frames_at[4] += 0.025  # late alone: the next is on time again
-    pts = _sent_audio(frames_at)
-    assert np.all(np.diff(pts) == AUDIO_RATE // 50), "no gap: the audio was not moved after the frame"
+def LEVEL(k: int) -> float:
+    return (k + 1) / 64
 
 
-def test_a_slip_moves_the_audio_with_the_frames():
-    slip = 0.060  # the session's clock re-anchored: every frame from the 5th leaves 60 ms later
-    frames_at = [k / 25 + (slip if k >= 4 else 0.0) for k in range(12)]
-    pts = np.array(_sent_audio(frames_at))
-    gaps = np.diff(pts) - AUDIO_RATE // 50
-    assert np.count_nonzero(gaps) == 1 and gaps.sum() == round(slip * AUDIO_RATE)
-    # It follows within a few frames (the median of the last five), and then stays with them.
-    assert pts[-1] == round((11 / 25 + slip) * AUDIO_RATE) + AUDIO_RATE // 50
+@pytest.mark.parametrize("fps", [25, 30])
+def test_each_frames_sound_is_stamped_with_its_picture(fps):
+    """Frames due on time, then a slip of 110 ms (the session re-anchored its clock), then on time.
+
+    Each frame's sound starts at the frame's own time, as its picture does: the slip's gap is in
+    both tracks' timestamps at the same frame (at 30 fps, whose frames are not whole 20 ms packets,
+    the packet under way is finished with silence first). No sample is lost or sent twice.
+    """
+    slip = 0.110
+    frames_at = [k / fps + (slip if k >= 6 else 0.0) for k in range(15)]
+    pictures, packets = _sent(frames_at, fps)
+    assert pictures == [round(at * VIDEO_RATE) for at in frames_at]
+    assert all(len(p.to_ndarray()[0]) == 2 * AUDIO_CHUNK for p in packets)  # 20 ms each, stereo interleaved
+    assert all(b.pts >= a.pts + AUDIO_CHUNK for a, b in zip(packets, packets[1:])), "no packet overlaps another"
+    starts = {}  # frame -> the sample time its sound starts at
+    counts = collections.Counter()
+    for packet in packets:
+        left = packet.to_ndarray()[0][::2] / 32767
+        for offset, value in enumerate(left):
+            k = round(value * 64) - 1
+            if k >= 0:
+                starts.setdefault(k, packet.pts + offset)
+                counts[k] += 1
+    for k, at in enumerate(frames_at):
+        assert starts[k] == round(at * AUDIO_RATE), (k, starts[k], round(at * AUDIO_RATE))
+        assert starts[k] * VIDEO_RATE / AUDIO_RATE == pytest.approx(pictures[k], abs=2)
+        assert counts[k] == AUDIO_RATE // fps

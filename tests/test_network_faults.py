@@ -14,11 +14,11 @@ run's last RESUMED_SPAN seconds at RESUMED_SHARE of the rate before the blackout
 loss and jitter), with the latency back within LATENCY_SLACK of what it
 was before the blackout; and the A/V offset as a receiver presents it (each chirp against the
 first showing of the picture it was sent with, both timed by the server's sender reports, as a
-browser's lip-sync lines them up) has its median within AV_LIMIT before the blackout and after the
-recovery. Single markers are reported, not asserted: a picture that waited for a resent packet
-longer than the server's hold (transport/session_feed.py) is shown late, about one in seven here
-(README 'Network faults'). Timed at packet arrival the offsets also carry the return link's jitter
-and resends, which a receiver's buffers take out; they are reported too. The test
+browser's lip-sync lines them up) is within AV_LIMIT for every marker timed before the blackout
+and after the recovery, at least two of each. A marker is timed where the probe has its whole
+chirp and the first showing of its picture: over this link about two in three. Timed at packet
+arrival the offsets also carry the return link's jitter and resends, which a receiver's buffers
+take out; they are reported, not asserted. The test
 peer's video receiver recovers from loss as a browser's does (``recovering_receivers``). The first test checks the impairment itself on two
 plain UDP sockets: the loss rate, the delay range, reordering, the blackout, the bound on held
 datagrams and the seed.
@@ -40,14 +40,16 @@ from bench.impair import BLACKOUT, Impairment, LinkImpairment
 from transport.prompt_jitter import PromptJitterBuffer
 
 LOSSY = Impairment(loss=0.05, delay_ms=50.0, jitter_ms=20.0)
-SECONDS = 26.0  # media sent by the probe
-IMPAIRED_BEFORE = 8.0  # s of loss and jitter before the blackout
+SECONDS = 30.0  # media sent by the probe
+# s of loss and jitter before the blackout: long enough to time a few markers (one a second; about
+# one in three is lost or damaged by the link)
+IMPAIRED_BEFORE = 12.0
 BLACKOUT_SECONDS = 3.0
 RECOVERY_LIMIT = 5.0  # s from the blackout's end to the first picture sent after it coming back
 RESUMED_SHARE = 0.7  # pictures back a second over the last RESUMED_SPAN s, against the rate before the blackout
 RESUMED_SPAN = 6.0
 LATENCY_SLACK = 500.0  # ms: the latency after recovery is back within this of the latency before it
-AV_LIMIT = 60.0  # ms: the median A/V offset as presented, before the blackout and after the recovery
+AV_LIMIT = 60.0  # ms: every marker's A/V offset as presented, before the blackout and after the recovery
 
 
 # -- the impairment on plain sockets -----------------------------------------------------------
@@ -214,7 +216,7 @@ def fault_figures(recording: g2g.Recording, times: dict[str, float]) -> dict:
 
 @pytest.fixture(scope="module")
 def faulted():
-    """One session over the bad link, for the two tests below (about 50 s)."""
+    """One session over the bad link, for the two tests below (about 55 s)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         # The probe gives up after 5 s without video; a 3 s blackout plus the way back takes longer.
         monkeypatch.setattr(g2g, "STALL_TIMEOUT", 20.0)
@@ -237,4 +239,4 @@ def test_a_webrtc_session_rides_out_loss_jitter_and_a_blackout(faulted):
     assert link.outgoing.lost > 0 and link.incoming.lost > 0 and link.held == 0
     for phase in ("presented_before_ms", "presented_after_ms"):
         assert len(figures[phase]) >= 2, f"too few markers timed to judge the A/V offset: {figures}"
-        assert abs(float(np.median(figures[phase]))) <= AV_LIMIT, (phase, figures)
+        assert max(abs(offset) for offset in figures[phase]) <= AV_LIMIT, (phase, figures)

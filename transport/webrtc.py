@@ -10,10 +10,11 @@ made from their RTP timestamps, and audio where the pictures of the same moment 
 tracks related by the sender's reports (transport/sender_clock.py), as RTMP input is.
 
 Both outgoing tracks are fed by ONE pull of ``session.output()`` per frame, so a frame and its
-audio leave together, stamped with the same moment: when the session released them. The RTP
-timestamps therefore follow the wall clock: when the session stalls and re-anchors its clock, the
-receiver sees a gap in the timestamps, not packets arriving late, which would make its jitter
-buffers (audio first) grow and stay large. Audio packets wait as long as a picture takes to be
+audio leave together, stamped with the same moment: when the frame was due on the session's output
+clock. The RTP timestamps therefore follow the wall clock: when the session stalls and re-anchors
+its clock, the receiver sees a gap in the timestamps of both tracks at the same frame, not packets
+arriving late, which would make its jitter buffers (audio first) grow and stay large; a frame the
+session skips to ease its delay back down takes its audio with it and leaves no gap. Audio packets wait as long as a picture takes to be
 encoded (``SendDelay``), so that both reach the browser together and aiortc's sender reports, by
 which the browser lines them up, map both to the same moment.
 """
@@ -51,12 +52,10 @@ VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
 AUDIO_RATE = 48_000
 AUDIO_TIME_BASE = Fraction(1, AUDIO_RATE)
 AUDIO_CHUNK = AUDIO_RATE // 50  # 20 ms, what Opus packetises
-# Audio stays sample-continuous unless frames keep leaving later than this past where it would follow
-# on: the median of the last AUDIO_LAG_FRAMES (the session's clock slipped). One frame late alone
-# (the next is back on time) moves nothing: were the audio to follow it, it would stay that late for
-# good, as it never moves back.
+# Audio stays sample-continuous unless a frame is due more than this past where the audio so far
+# runs to: the session's clock slipped, and the gap goes into the audio's timestamps as it does into
+# the pictures'. Anything less is the rounding of the frames' times.
 AUDIO_GAP = AUDIO_CHUNK // 2
-AUDIO_LAG_FRAMES = 5
 STATS_PERIOD = 0.5
 # A peer that has not connected by then is gone (it closed before ICE completed, or cannot reach us).
 CONNECT_TIMEOUT = 20.0
@@ -265,7 +264,7 @@ class _QueueTrack(MediaStreamTrack):
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def offer(self, at: float, payload: np.ndarray) -> None:
-        """``payload`` left the session ``at`` seconds after its first frame did."""
+        """``payload`` is due ``at`` seconds after the session's first frame was (stream/broadcast.py)."""
         if self.readyState != "live":
             return
         while self._queue.qsize() >= self.backlog:
@@ -308,30 +307,38 @@ class OutputVideoTrack(_QueueTrack):
 
 
 class OutputAudioTrack(_QueueTrack):
-    """Re-chunks each frame's 1/25 s of 48 kHz audio into the 20 ms frames Opus sends."""
+    """Re-chunks each frame's 1/fps of 48 kHz audio into the 20 ms frames Opus sends, on the same
+    timeline as the pictures: the frames' times on the session's output clock."""
 
     kind = "audio"
     backlog = AUDIO_BACKLOG
 
     def __init__(self, output: ViewerTracks) -> None:
         super().__init__(output)
-        self._pending = np.zeros((2, 0), np.float32)
+        self._pending = np.zeros((2, 0), np.float32)  # cut into chunks from self._pts on
         self._pts: int | None = None
-        self._lags: collections.deque[int] = collections.deque(maxlen=AUDIO_LAG_FRAMES)  # samples
+        self._waiting: tuple[int, np.ndarray] | None = None  # a frame's (start, audio) behind a gap
         self.codec_delay = 0.0  # seconds its codec delays the sound (OPUS_LOOKAHEAD): sent that much early
 
     async def recv(self) -> av.AudioFrame:
         while self._pending.shape[1] < AUDIO_CHUNK:
-            at, samples = await self._next()
-            start = round(at * AUDIO_RATE)
+            if self._waiting is None:
+                at, samples = await self._next()
+                self._waiting = (round(at * AUDIO_RATE), samples)
+            start, samples = self._waiting
             if self._pts is None:
                 self._pts = start
-            self._lags.append(start - (self._pts + self._pending.shape[1]))
-            lag = int(np.median(self._lags))
-            if self._pending.shape[1] == 0 and lag > AUDIO_GAP:
-                self._pts += lag  # after a stall: the gap is left in the timestamps
-                self._lags.clear()
+            gap = start - (self._pts + self._pending.shape[1])
+            if gap > AUDIO_GAP and self._pending.shape[1]:
+                # Silence to the end of the chunk under way (as much of it as the gap is); the rest
+                # of the gap is left in the timestamps once that chunk is out.
+                silence = min(gap, AUDIO_CHUNK - self._pending.shape[1])
+                self._pending = np.concatenate([self._pending, np.zeros((2, silence), np.float32)], axis=1)
+                continue
+            if gap > AUDIO_GAP:
+                self._pts += gap
             self._pending = np.concatenate([self._pending, samples], axis=1)
+            self._waiting = None
         # A frame brings two chunks at once: send the second on its own time, not in a burst, and
         # as late as the pictures of that time go out (SendDelay).
         due = (self._output.origin + self._pts / AUDIO_RATE + self._output.video.send_delay.seconds
