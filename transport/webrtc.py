@@ -14,9 +14,10 @@ audio leave together, stamped with the same moment: when the frame was due on th
 clock. The RTP timestamps therefore follow the wall clock: when the session stalls and re-anchors
 its clock, the receiver sees a gap in the timestamps of both tracks at the same frame, not packets
 arriving late, which would make its jitter buffers (audio first) grow and stay large; a frame the
-session skips to ease its delay back down takes its audio with it and leaves no gap. Audio packets wait as long as a picture takes to be
-encoded (``SendDelay``), so that both reach the browser together and aiortc's sender reports, by
-which the browser lines them up, map both to the same moment.
+session skips to ease its delay back down takes its audio with it and leaves no gap. Audio packets
+wait as long as a picture takes to be encoded (``SendDelay``), so that both reach the browser
+together and aiortc's sender reports, by which the browser lines them up, map both to the same
+moment.
 """
 
 from __future__ import annotations
