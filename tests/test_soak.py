@@ -1,10 +1,10 @@
-"""The soak (bench/soak.py) for two minutes after a minute's warm-up, and its trend verdict on series
-made to leak.
+"""The soak (bench/soak.py) for two and a half minutes after a warm-up, and its trend verdict on
+series made to leak.
 
 The short run is the real thing: ``run_stream.py serve --config tiny`` with the MQTT bridge in a
 subprocess, mosquitto started here, the glass-to-glass probe as a WebRTC camera peer (one session
 after another, CYCLE seconds each) and an avatar session fed speech over MQTT, all on loopback. It
-fails on a growing RSS or A/V offset trend over the two minutes after WARMUP (the limits are
+fails on a growing RSS or A/V offset trend over the span after WARMUP (the limits are
 bench/soak.py's, with their reasons); the verdict itself is shown to fail on a leak and a drift made
 up here, and to let through the noise and the steps a busy machine makes.
 """
@@ -18,9 +18,9 @@ import pytest
 
 from bench import soak
 
-MINUTES = 3.0
-WARMUP = 60.0  # s: the first sessions' arenas and the offset settle (bench/soak.py's limits)
-CYCLE = 40.0  # s per WebRTC session: four sessions start and three end in the run
+MINUTES = 4.0
+WARMUP = 90.0  # s: the first sessions' arenas and the offset settle (bench/soak.py's limits)
+CYCLE = 40.0  # s per WebRTC session: six start and five end in the run, four of them in the judged span
 
 
 def samples(rss_mb: np.ndarray, offset_ms: np.ndarray) -> dict:
@@ -55,7 +55,7 @@ def test_the_verdict_fails_a_leak_or_a_drift_and_passes_noise():
     assert soak.fit_trend([10.0, 20.0], [1.0, 2.0]) is None, "too few points for a trend"
 
 
-def test_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset_over_two_minutes(tmp_path):
+def test_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset_over_minutes(tmp_path):
     if not soak.MOSQUITTO.exists():
         pytest.skip(f"needs mosquitto at {soak.MOSQUITTO} (apt-get install mosquitto)")
     settings = soak.SoakSettings(minutes=MINUTES, cycle=CYCLE, json_path=str(tmp_path / "soak.json"),
@@ -70,7 +70,7 @@ def test_webrtc_and_mqtt_sessions_show_no_growing_rss_or_offset_over_two_minutes
     assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
 
     measured = [s for s in result["samples"] if s["t_s"] >= WARMUP]
-    assert len(result["samples"]) >= 17 and summary["rss_mb_per_hour"]["points"] >= 11
+    assert len(result["samples"]) >= 23 and summary["rss_mb_per_hour"]["points"] >= 14
     assert summary["av_offset_ms_per_hour"] is not None and summary["av_offset_ms_per_hour"]["points"] >= 5, \
         "too few windows with a marker matched to judge the offset"
     assert sum(s["frames"] > 0 for s in measured) >= 0.8 * len(measured), "the WebRTC session stalled"
