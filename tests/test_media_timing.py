@@ -13,10 +13,12 @@ from types import SimpleNamespace
 import av
 import numpy as np
 import pytest
+from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtcpSenderInfo, RtcpSrPacket
 
 from transport.sender_clock import REPORT_TRUSTED, SenderClock
-from transport.webrtc import AUDIO_CHUNK, AUDIO_RATE, OutputAudioTrack, OutputVideoTrack
+from transport.webrtc import AUDIO_CHUNK, AUDIO_RATE, OutputAudioTrack, OutputVideoTrack, SendDelay
 
 VIDEO_RATE = 90_000
 SSRC = {"audio": 1111, "video": 2222}
@@ -139,7 +141,7 @@ def _sent(frames_at: list[float], fps: int) -> tuple[list[int], list[av.AudioFra
             pictures.append((await video.recv()).pts)
         with contextlib.suppress(asyncio.TimeoutError):
             while True:  # until the track waits for more
-                packets.append(await asyncio.wait_for(audio.recv(), 0.5))
+                packets.append(await asyncio.wait_for(audio.next_frame(), 0.5))
         return pictures, packets
     return asyncio.run(tracks())
 
@@ -175,3 +177,34 @@ def test_each_frames_sound_is_stamped_with_its_picture(fps):
         assert starts[k] == round(at * AUDIO_RATE), (k, starts[k], round(at * AUDIO_RATE))
         assert starts[k] * VIDEO_RATE / AUDIO_RATE == pytest.approx(pictures[k], abs=2)
         assert counts[k] == AUDIO_RATE // fps
+
+
+def test_opus_is_encoded_in_the_track_on_the_frames_timeline():
+    """Where Opus is settled on, the track hands aiortc packets it encoded itself (aiortc's sender
+    would encode each on its executor, which falls behind on a busy machine). Their timestamps keep
+    the frames' timeline: 20 ms apart, and the slip's gap once."""
+    slip = 0.110
+    frames_at = [k / 25 + (slip if k >= 6 else 0.0) for k in range(15)]
+    output = SimpleNamespace(origin=time.monotonic() - 100.0, start=lambda: None,
+                             video=SimpleNamespace(send_delay=SendDelay()))
+    audio = OutputAudioTrack(output)
+    audio.encoder = OpusEncoder()
+    t = np.arange(AUDIO_RATE // 25) / AUDIO_RATE
+    for k, at in enumerate(frames_at):
+        audio.offer(at, np.tile(0.3 * np.sin(2 * np.pi * 440 * (t + k / 25)), (2, 1)).astype(np.float32))
+
+    async def packets() -> list:
+        got = []
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                got.append(await asyncio.wait_for(audio.recv(), 0.5))
+        return got
+    sent = asyncio.run(packets())
+    assert sent and all(isinstance(p, av.Packet) and p.time_base == Fraction(1, AUDIO_RATE) for p in sent)
+    assert len(sent) >= 2 * len(frames_at) - 1  # the first may go into the encoder's look-ahead
+    steps = np.diff([p.pts for p in sent])
+    assert sorted(steps.tolist()) == [AUDIO_CHUNK] * (len(steps) - 1) + [AUDIO_CHUNK + round(slip * AUDIO_RATE)]
+    decoder = OpusDecoder()
+    decoded = np.concatenate([frame.to_ndarray()[0] for p in sent
+                              for frame in decoder.decode(JitterFrame(bytes(p), 0))]) / 32767
+    assert 0.1 < np.sqrt(np.mean(decoded[AUDIO_RATE // 10 :] ** 2)) < 0.4, "the tone came through"

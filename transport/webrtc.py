@@ -40,6 +40,7 @@ import av
 import numpy as np
 from aiortc import (RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection,
                     RTCSessionDescription, sdp)
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from transport.prompt_jitter import make_prompt
@@ -320,8 +321,31 @@ class OutputAudioTrack(_QueueTrack):
         self._pts: int | None = None
         self._waiting: tuple[int, np.ndarray] | None = None  # a frame's (start, audio) behind a gap
         self.codec_delay = 0.0  # seconds its codec delays the sound (OPUS_LOOKAHEAD): sent that much early
+        # Set once Opus is settled on: packets are then encoded here (below), not by aiortc's sender.
+        self.encoder: OpusEncoder | None = None
+        self._encoded: collections.deque[av.Packet] = collections.deque()
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet:
+        """The next 20 ms: Opus packets encoded here, inline, where Opus was settled on.
+
+        aiortc's sender encodes each frame on the loop's default executor. That is a round trip of
+        about 20 ms per 20 ms packet on a busy machine: the soak's server (two sessions on two
+        cores) sent its audio a second behind its own timeline, and dropped some, while the
+        pictures kept up. Encoding a packet takes a fraction of a millisecond; packets already
+        encoded go through the sender without the executor.
+        """
+        if self.encoder is None:
+            return await self.next_frame()
+        while not self._encoded:
+            payloads, timestamp = self.encoder.encode(await self.next_frame())
+            for k, payload in enumerate(payloads):  # none while the encoder fills its look-ahead
+                packet = av.Packet(payload)
+                packet.pts, packet.time_base = timestamp + k * AUDIO_CHUNK, AUDIO_TIME_BASE
+                self._encoded.append(packet)
+        return self._encoded.popleft()
+
+    async def next_frame(self) -> av.AudioFrame:
+        """The next 20 ms frame, stamped on the pictures' timeline, due as late as they leave."""
         while self._pending.shape[1] < AUDIO_CHUNK:
             if self._waiting is None:
                 at, samples = await self._next()
@@ -425,6 +449,7 @@ class Peer:
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         if _audio_codec(self.pc.localDescription.sdp) == "audio/opus":
             self._times.codec_delay = self.output.audio.codec_delay = OPUS_LOOKAHEAD
+            self.output.audio.encoder = OpusEncoder()
         self._spawn(self._expire_unless_connected())
         if self.role != "viewer":
             self._answered_at = time.monotonic()
