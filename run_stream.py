@@ -187,6 +187,9 @@ def _arguments() -> argparse.ArgumentParser:
     serve.add_argument("--batch", type=int, metavar="N",
                        help="share the model among sessions through one worker that batches their windows, up to N "
                             "per U-Net call (0: each session calls the model itself; default: 8 on a GPU, 0 on a CPU)")
+    serve.add_argument("--cuda-graphs", action="store_true",
+                       help="the model worker replays the U-Net from CUDA graphs, captured once per batch shape "
+                            "(a GPU and --batch; each shape's first window is late by its capture, about a second)")
     serve.add_argument("--checkpoints", metavar="DIR", help="official weights (see `file --help`)")
     serve.add_argument("--max-sessions", type=int, default=4,
                        help="live sessions at once; past it /offer answers 503 (default: 4)")
@@ -248,8 +251,10 @@ def _share_model(args: argparse.Namespace, lipsync) -> None:
     batch = args.batch if args.batch is not None else (8 if lipsync.device.type == "cuda" else 0)
     if batch < 0:
         raise UserError("--batch must be 0 (off) or more")
+    if args.cuda_graphs and not (batch and lipsync.device.type == "cuda"):
+        raise UserError("--cuda-graphs needs a CUDA device and the model worker (--batch N)")
     if batch:
-        lipsync.share_model(max_batch=batch)
+        lipsync.share_model(max_batch=batch, cuda_graphs=args.cuda_graphs)
 
 
 def _mqtt_settings(args: argparse.Namespace):

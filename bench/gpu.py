@@ -12,7 +12,8 @@ it is measured (a run cut short keeps what it had):
 1. ``paths``: one U-Net call at a batch of 4 windows with guidance (8 videos of 16 frames), each path
    against the state before it: fp32 -> bf16 (fp16 where bf16 is missing) -> plain attention
    replaced by SDPA -> channels_last. The VAE: SD's vs TAESD, encode and decode.
-2. ``costs``: ms per U-Net call by batch, and ms per frame of VAE encode / decode, per resolution.
+2. ``costs``: ms per U-Net call by batch, eager and from CUDA graphs, and ms per frame of VAE
+   encode / decode, per resolution.
 3. ``predicted``: streams per card for every combination of steps 1/2/4, guidance on/off, stride
    4/8/16 and VAE, from the costs: the GPU seconds one stream needs per second at the best batch,
    and the latency floor (a window waits for stride frames, then runs); a combination whose
@@ -20,10 +21,13 @@ it is measured (a run cut short keeps what it had):
 4. ``streams``: the real model worker (stream/model_worker.py) fed by N simulated 25-fps streams,
    each a thread that submits its window's encode, denoise and decode as the window's last frame
    is captured, N rising until p95 latency (capture to decoded, every frame) passes 400 ms or the
-   card falls behind; max_batch 1 (unbatched) against 8. It leaves out face tracking, audio
+   card falls behind; max_batch 1 (unbatched) against 8, eager against CUDA graphs, with and
+   without DeepCache (``--streams``). It leaves out face tracking, audio
    features and compositing, which run on the CPU's cores beside the card.
-5. ``deep_cache``: one 4-step denoise with guidance, the whole U-Net every step against DeepCache
-   reuse of the deep features between every 2nd, 3rd, 4th step (``sampler.deep_cache_interval``).
+5. ``deep_cache``: one 4-step denoise of 1 and of 4 windows, the whole U-Net every step against
+   DeepCache reuse of the deep features between every 2nd, 3rd, 4th step
+   (``sampler.deep_cache_interval``), each eager and replayed from CUDA graphs
+   (``models/cuda_graphs.py``), with how far the graphs' result is from the eager one.
 6. ``compiled`` (``--compile``, last because compiling takes minutes): the eager U-Net against
    torch.compile, then "reduce-overhead" (CUDA graphs), for one fixed batch shape.
 """
@@ -42,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.cuda_graphs import GraphedUNet
 from models.lipsync import LipSyncModel
 from models.sampler import DDIMSampler
 from models.unet import UNet3DConditionModel
@@ -59,6 +64,10 @@ SD_VAE = {"kind": "kl", "scaling_factor": 0.18215, "config": {
     "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32}}
 TAESD = {"kind": "tiny", "scaling_factor": 1.0}
 RESULTS = Path(__file__).resolve().parent / "results"
+# The issue's target (4 steps) without guidance, as upstream's own default: eager unbatched, eager
+# batched, then each GPU path on top; then with guidance; stride 4 last.
+STREAM_RUNS = ",".join(["4:1:8:taesd:1", "4:1:8:taesd:8", "4:1:8:taesd:8:1:graphs", "4:1:8:taesd:8:3:graphs",
+                        "4:1.5:8:taesd:8:3:graphs", "4:1:4:taesd:8:3:graphs"])
 
 
 def device_name(device: torch.device) -> str:
@@ -111,8 +120,13 @@ def unet_call(model: LipSyncModel, videos: int, device: torch.device):
     latent = model.resolution // 8
     sample = torch.randn((videos, 13, WINDOW, latent, latent), device=device, dtype=model.dtype)
     audio = torch.randn((videos, WINDOW, 50, 384), device=device, dtype=model.dtype)
-    t = torch.tensor(999, device=device)
-    return lambda: model.unet(sample, t, audio)
+    t = torch.tensor(999)
+
+    def call():
+        return model.unet(sample, t, audio)
+
+    call.sample, call.t, call.audio = sample, t, audio
+    return call
 
 
 def set_attention(module: torch.nn.Module, sdpa: bool) -> None:
@@ -183,20 +197,31 @@ def measure_compiled(config: dict, device: torch.device, dtype: torch.dtype, une
 
 
 def measure_deep_cache(config: dict, device: torch.device, dtype: torch.dtype, unet, repeats: int) -> list[dict]:
-    """One denoise of 4 windows (4 steps, guidance 1.5), whole U-Net every step against DeepCache
-    reuse between every 2nd, 3rd and 4th step; and how far the reused result moves (random weights:
-    a bound on the arithmetic, not a judgement of quality)."""
-    model = build(config, TAESD, device, dtype, unet=unet, steps=4, guidance=1.5)
-    conditions, audio, known, carried = inputs(model, 4, device)
-    rows, reference = [], None
-    for interval in (1, 2, 3, 4):
-        model.deep_cache_interval = interval
-        ms = 1000 * timed(lambda: model.denoise_windows(conditions, audio, known, carried), device, repeats)
-        result = model.denoise_windows(conditions, audio, known, carried).float()[:, WINDOW - 4:]
-        reference = result if reference is None else reference
-        rows.append({"interval": interval, "ms": round(ms, 2),
-                     "mean_abs_change": round(float((result - reference).abs().mean()), 4),
-                     "mean_abs": round(float(reference.abs().mean()), 4)})
+    """One 4-step denoise (no guidance) of 1 and of 4 windows: the whole U-Net every step against
+    DeepCache reuse between every 2nd, 3rd and 4th step, eager and (on a GPU) from CUDA graphs; how
+    far each result is from the whole eager U-Net's (random weights: a bound on the arithmetic, not
+    a judgement of quality), and how far the graphs' result is from the same path run eagerly."""
+    model = build(config, TAESD, device, dtype, unet=unet, steps=4, guidance=1.0)
+    graphed = GraphedUNet(unet) if device.type == "cuda" else None
+    rows = []
+    for windows in (1, 4):
+        conditions, audio, known, carried = inputs(model, windows, device)
+        reference = None
+        for interval in (1, 2, 3, 4):
+            model.deep_cache_interval = interval
+            eager = model.denoise_windows(conditions, audio, known, carried).float()[:, WINDOW - 4:]
+            reference = eager if reference is None else reference
+            row = {"windows": windows, "interval": interval,
+                   "eager_ms": round(1000 * timed(lambda: model.denoise_windows(conditions, audio, known, carried),
+                                                  device, repeats), 2),
+                   "mean_abs_change": round(float((eager - reference).abs().mean()), 4),
+                   "mean_abs": round(float(reference.abs().mean()), 4)}
+            if graphed is not None:
+                run = lambda: model.denoise_windows(conditions, audio, known, carried, unet=graphed)  # noqa: E731
+                row["graphs_ms"] = round(1000 * timed(run, device, repeats), 2)
+                row["graphs_vs_eager_max_abs"] = round(float((run().float()[:, WINDOW - 4:] - eager).abs().max()), 4)
+            rows.append(row)
+    model.deep_cache_interval = 1
     return rows
 
 
@@ -211,6 +236,13 @@ def measure_costs(configs: dict, device: torch.device, dtype: torch.dtype, unet,
                 continue  # 32 videos of 64x64 latents: minutes on a 2-core CPU, and enough is known
             entry["unet_ms_by_videos"][str(videos)] = round(1000 * timed(unet_call(model, videos, device), device,
                                                                          repeats), 2)
+        if device.type == "cuda":  # the same calls replayed from CUDA graphs, up to the worker's batches
+            graphed, entry["unet_graphs_ms_by_videos"] = GraphedUNet(unet), {}
+            for videos in (v for v in batches if v <= 16):
+                call = unet_call(model, videos, device)
+                sample, t, audio = call.sample, call.t, call.audio
+                entry["unet_graphs_ms_by_videos"][str(videos)] = round(
+                    1000 * timed(lambda: graphed(sample, t, audio), device, repeats), 2)
         for vae_name, vae_config in (("sd", SD_VAE), ("taesd", TAESD)):
             coder = build(config, vae_config, device, dtype, unet=unet)
             frames = 32 if config["resolution"] <= 256 else 16
@@ -230,8 +262,12 @@ def predict(costs: dict, max_batch: int = 8) -> list[dict]:
     """Streams per card for each combination, from the measured costs (see the module docstring)."""
     rows = []
     for name, entry in costs.items():
-        unet_ms = {int(v): ms for v, ms in entry["unet_ms_by_videos"].items()}
-        for steps, guidance, stride, vae in itertools.product((1, 2, 4), (True, False), (4, 8, 16), ("sd", "taesd")):
+        paths = {"eager": entry["unet_ms_by_videos"], "graphs": entry.get("unet_graphs_ms_by_videos")}
+        for path, steps, guidance, stride, vae in itertools.product(paths, (1, 2, 4), (True, False), (4, 8, 16),
+                                                                  ("sd", "taesd")):
+            if not paths[path]:
+                continue
+            unet_ms = {int(v): ms for v, ms in paths[path].items()}
             per_video = 2 if guidance else 1
             best = None
             for windows in (1, 2, 4, 8, 16):
@@ -247,7 +283,8 @@ def predict(costs: dict, max_batch: int = 8) -> list[dict]:
                 streams = int(1 / gpu_s) if floor <= BUDGET else 0
                 if best is None or streams > best["streams"]:
                     best = {"windows_per_call": windows, "streams": streams, "latency_floor_ms": round(1000 * floor)}
-            rows.append({"config": name, "steps": steps, "guidance": guidance, "stride": stride, "vae": vae, **best})
+            rows.append({"config": name, "unet": path, "steps": steps, "guidance": guidance, "stride": stride,
+                         "vae": vae, **best})
     return rows
 
 
@@ -284,8 +321,8 @@ def _stream(worker: ModelWorker, model: LipSyncModel, stride: int, phase: float,
 
 
 def run_streams(model: LipSyncModel, device: torch.device, streams: int, stride: int, max_batch: int,
-                seconds: float) -> dict:
-    worker = ModelWorker(model, max_batch=max_batch)
+                seconds: float, unet: GraphedUNet | None = None) -> dict:
+    worker = ModelWorker(model, max_batch=max_batch, unet=unet)
     latencies: list[float] = []
     missed: list[int] = []
     warmup = 1.0
@@ -309,19 +346,26 @@ def run_streams(model: LipSyncModel, device: torch.device, streams: int, stride:
 
 
 def capacity(model: LipSyncModel, device: torch.device, stride: int, max_batch: int, seconds: float,
-             counts: list[int]) -> dict:
+             counts: list[int], unet: GraphedUNet | None = None) -> dict:
     """Rising N until p95 passes the budget or the card falls behind: the largest N that held."""
     runs, held = [], 0
+    if unet is not None:  # every batch shape the worker can form, captured before the clock runs
+        started = time.perf_counter()
+        for windows in range(1, max_batch + 1):
+            model.denoise_windows(*inputs(model, windows, device, carried=WINDOW - stride), unet=unet)
+        synchronize(device)
+        captured = {"graphs": unet.captured, "capture_s": round(time.perf_counter() - started, 1)}
     # Untimed first: a model's first calls at new shapes pay for kernel selection, and a stream that
     # starts behind stays behind (measured on an H200: p95 512 ms cold against 344 ms warm).
-    run_streams(model, device, min(2, max(counts)), stride, max_batch, 1.0)
+    run_streams(model, device, min(2, max(counts)), stride, max_batch, 1.0, unet)
     for n in counts:
-        run = run_streams(model, device, n, stride, max_batch, seconds)
+        run = run_streams(model, device, n, stride, max_batch, seconds, unet)
         runs.append(run)
         if run["p95_ms"] > 1000 * BUDGET or run["frames_missed"]:
             break
         held = n
-    return {"stride": stride, "max_batch": max_batch, "streams_at_p95_budget": held, "runs": runs}
+    return {"stride": stride, "max_batch": max_batch, "streams_at_p95_budget": held, "runs": runs,
+            **({"captured": captured} if unet is not None else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-videos", type=int, default=8, help="the batch (videos) compiled for")
     parser.add_argument("--seconds", type=float, default=4.0, help="each stream run's measured seconds")
     parser.add_argument("--quick", action="store_true", help="few repeats and small batches: a check that it runs")
-    parser.add_argument("--streams", default="4:1.5:4:sd:8,4:1.5:4:sd:1,4:1.5:8:sd:8,4:1:8:taesd:8",
-                        help="stream runs, each STEPS:GUIDANCE:STRIDE:VAE:MAX_BATCH (VAE sd or taesd)")
+    parser.add_argument("--streams", default=STREAM_RUNS,
+                        help="stream runs, each STEPS:GUIDANCE:STRIDE:VAE:MAX_BATCH[:DEEP_CACHE_INTERVAL[:graphs]] "
+                             "(VAE sd or taesd; graphs: the worker replays the U-Net from CUDA graphs)")
     parser.add_argument("--skip", default="", help="sections to leave out, e.g. paths,costs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -364,13 +409,22 @@ def main(argv: list[str] | None = None) -> int:
         counts = [1, 2] if args.quick else [1, 2, 4, 6, 8, 10, 12, 16, 20, 24]
         streams = []
         for combo in args.streams.split(","):
-            steps, guidance, stride, vae_name, max_batch = combo.split(":")
+            fields = combo.split(":")
+            steps, guidance, stride, vae_name, max_batch = fields[:5]
             steps, guidance, stride, max_batch = int(steps), float(guidance), int(stride), int(max_batch)
+            interval = int(fields[5]) if len(fields) > 5 else 1
+            graphs = len(fields) > 6 and fields[6] == "graphs"
             vae = {"sd": SD_VAE, "taesd": TAESD}[vae_name]
             model = build(first, vae, device, dtype, unet=unet, steps=steps, guidance=guidance)
-            run = capacity(model, device, stride, max_batch, args.seconds, counts)
-            streams.append({"config": first["name"], "steps": steps, "guidance": guidance,
-                            "vae": vae["kind"], **run})
+            model.deep_cache_interval = interval
+            combo_row = {"config": first["name"], "steps": steps, "guidance": guidance, "vae": vae["kind"],
+                         "deep_cache_interval": interval, "unet": "graphs" if graphs else "eager"}
+            try:
+                combo_row.update(capacity(model, device, stride, max_batch, args.seconds, counts,
+                                          GraphedUNet(unet) if graphs else None))
+            except Exception as exc:  # one path failing on this card leaves the other runs standing
+                combo_row.update(stride=stride, max_batch=max_batch, error=repr(exc))
+            streams.append(combo_row)
             report.add("streams", streams)
     if args.compile:
         report.add("compiled", {"videos": args.compile_videos,

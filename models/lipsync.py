@@ -7,7 +7,7 @@ model's pixels only inside the mouth mask.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +96,14 @@ class LipSyncModel(nn.Module):
 
     @torch.no_grad()
     def denoise_windows(self, conditions: torch.Tensor, audio: torch.Tensor, known: torch.Tensor | None,
-                        carried: list[int]) -> torch.Tensor:
+                        carried: list[int], unet: Callable | None = None) -> torch.Tensor:
         """``denoise`` for B windows of F frames at once: (B, F, 9, h, w) conditions, (B, F, 50, C)
         audio, (B, F, 4, h, w) known latents of which window b's first ``carried[b]`` frames count
         (the rest is ignored; ``known`` may be None when nothing is carried) -> (B, F, 4, h, w).
 
         Windows of one batch share the timesteps and the noise; what differs per window is its
-        carried prefix, applied through a per-window frame mask.
+        carried prefix, applied through a per-window frame mask. ``unet``: what to call instead of
+        ``self.unet`` (the same model another way, e.g. ``models.cuda_graphs.GraphedUNet``).
         """
         video = lambda x: x.permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, h, w) <-> (B, C, F, h, w)
         batch, frames, _, height, width = conditions.shape
@@ -110,7 +111,7 @@ class LipSyncModel(nn.Module):
         renoise, restore = (self._carried(video(known.to(noise)), carried, noise) if any(carried)
                             else (None, lambda latents: latents))
         audio = audio.to(self.mask.device, self.dtype)
-        result = self.sampler.sample(self._denoiser(), noise, video(conditions.to(noise)), audio, renoise)
+        result = self.sampler.sample(self._denoiser(unet or self.unet), noise, video(conditions.to(noise)), audio, renoise)
         return video(restore(result))
 
     def _carried(self, known: torch.Tensor, carried: list[int], noise: torch.Tensor):
@@ -126,16 +127,16 @@ class LipSyncModel(nn.Module):
 
         return renoise, lambda latents: torch.where(mask, known, latents)
 
-    def _denoiser(self):
+    def _denoiser(self, unet: Callable):
         """The U-Net as one denoising loop calls it: whole, or with deep features reused between
         every ``deep_cache_interval``-th step."""
         if self.deep_cache_interval == 1:
-            return self.unet
+            return unet
         cache, steps = DeepCache(), iter(range(1 << 30))
 
         def denoise(sample: torch.Tensor, t: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
             cache.reuse = next(steps) % self.deep_cache_interval != 0
-            return self.unet(sample, t, audio, deep_cache=cache)
+            return unet(sample, t, audio, deep_cache=cache)
 
         return denoise
 

@@ -69,10 +69,14 @@ class _Job:
 class ModelWorker:
     """Owns ``model`` (a ``LipSyncModel``) and runs the jobs its clients submit, batched."""
 
-    def __init__(self, model, max_batch: int = MAX_BATCH, fill_wait: float = FILL_WAIT):
+    def __init__(self, model, max_batch: int = MAX_BATCH, fill_wait: float = FILL_WAIT,
+                 unet: Callable | None = None):
+        """``unet``: what denoise batches call instead of ``model.unet``, e.g. a
+        ``models.cuda_graphs.GraphedUNet``; this worker's thread is then its only caller."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model = model
+        self.unet = unet
         self.resolution = model.resolution
         mask = getattr(model, "mask", None)
         self._device = mask.device if mask is not None else torch.device("cpu")
@@ -172,7 +176,7 @@ class ModelWorker:
         while (batch := self._next_batch()) is not None:
             started = time.perf_counter()
             try:
-                results = _RUNNERS[batch[0].kind](self.model, [job.inputs for job in batch])
+                results = _RUNNERS[batch[0].kind](self.model, [job.inputs for job in batch], self.unet)
                 if self._cuda:  # a batch is done when the card is, not when its kernels are queued
                     torch.cuda.synchronize(self._device)
                 errors = [None] * len(batch)
@@ -189,12 +193,12 @@ class ModelWorker:
                 self._running = []
 
 
-def _encode(model, inputs: list[tuple]) -> list[torch.Tensor]:
+def _encode(model, inputs: list[tuple], _unet) -> list[torch.Tensor]:
     faces = [faces for (faces,) in inputs]
     return list(model.encode_condition(torch.cat(faces)).split([len(f) for f in faces]))
 
 
-def _denoise(model, inputs: list[tuple]) -> list[torch.Tensor]:
+def _denoise(model, inputs: list[tuple], unet: Callable | None) -> list[torch.Tensor]:
     conditions = torch.stack([condition for condition, _, _ in inputs])
     audio = torch.stack([audio for _, audio, _ in inputs])
     carried = [0 if known is None else len(known) for _, _, known in inputs]
@@ -205,17 +209,17 @@ def _denoise(model, inputs: list[tuple]) -> list[torch.Tensor]:
         for window, (_, _, latents) in enumerate(inputs):
             if latents is not None and len(latents):
                 known[window, : len(latents)] = latents.to(known)
-    return list(model.denoise_windows(conditions, audio, known, carried))
+    return list(model.denoise_windows(conditions, audio, known, carried, unet=unet))
 
 
-def _decode(model, inputs: list[tuple]) -> list[torch.Tensor]:
+def _decode(model, inputs: list[tuple], _unet) -> list[torch.Tensor]:
     latents = torch.cat([latents for latents, _ in inputs])
     faces = torch.cat([faces for _, faces in inputs])
     return list(model.decode(latents, faces).split([len(f) for _, f in inputs]))
 
 
-_RUNNERS: dict[str, Callable[[Any, list[tuple]], list]] = {"encode": _encode, "denoise": _denoise,
-                                                           "decode": _decode}
+_RUNNERS: dict[str, Callable[[Any, list[tuple], Callable | None], list]] = {
+    "encode": _encode, "denoise": _denoise, "decode": _decode}
 
 
 class WorkerClient:

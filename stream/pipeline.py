@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Iterable
 
 import torch
 
+from models.cuda_graphs import GraphedUNet
 from models.factory import build_models
 from models.lipsync import BypassModel, FaceGenerator, LipSyncModel
 from models.precision import select_device, select_dtype
@@ -62,14 +63,19 @@ class LipSync:
         self.device = device
         self.worker: ModelWorker | None = None
 
-    def share_model(self, max_batch: int = MAX_BATCH, fill_wait: float = FILL_WAIT) -> ModelWorker:
+    def share_model(self, max_batch: int = MAX_BATCH, fill_wait: float = FILL_WAIT,
+                    cuda_graphs: bool = False) -> ModelWorker:
         """From now on, sessions built from this run their model calls on one worker that batches
-        them across sessions (stream/model_worker.py) instead of each on its own thread."""
+        them across sessions (stream/model_worker.py) instead of each on its own thread.
+        ``cuda_graphs``: the worker replays the U-Net from CUDA graphs (models/cuda_graphs.py)."""
         if not isinstance(self.generator, LipSyncModel):
             raise ValueError("only the lip-sync model can be shared by a worker (not the bypass)")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
         if self.worker is not None:
             self.worker.close()
-        self.worker = ModelWorker(self.generator, max_batch, fill_wait)
+        unet = GraphedUNet(self.generator.unet) if cuda_graphs else None
+        self.worker = ModelWorker(self.generator, max_batch, fill_wait, unet=unet)
         return self.worker
 
     def close(self) -> None:

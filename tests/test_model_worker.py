@@ -65,10 +65,10 @@ class Gated:
         self.gate.wait(10)
         return self.model.encode_condition(faces)
 
-    def denoise_windows(self, conditions, audio, known, carried):
+    def denoise_windows(self, conditions, audio, known, carried, unet=None):
         self.batches.append(("denoise", len(conditions)))
         self.gate.wait(10)
-        return self.model.denoise_windows(conditions, audio, known, carried)
+        return self.model.denoise_windows(conditions, audio, known, carried, unet=unet)
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -221,3 +221,24 @@ def test_closing_a_session_mid_batch_frees_it_and_the_others_get_their_results(m
         worker.close()
     for i in (0, 2):
         torch.testing.assert_close(results[i], model.denoise(*windows[i]), **TOLERANCE)
+
+
+def test_denoise_batches_call_the_unet_the_worker_is_given(model):
+    """``ModelWorker(unet=...)`` (how CUDA graphs come in): every denoising step of a batch calls
+    it, on the worker's thread, and the result is what the model's own U-Net gives."""
+    calls: list[tuple[str, int]] = []
+
+    def unet(sample, t, audio, deep_cache=None):
+        calls.append((threading.current_thread().name, len(sample)))
+        return model.unet(sample, t, audio, deep_cache=deep_cache)
+
+    windows = [window(model, 16, 12, 21), window(model, 16, 0, 22)]
+    worker = ModelWorker(model, max_batch=2, fill_wait=1.0, unet=unet)
+    try:
+        batched = in_threads([lambda c=worker.client(), w=w: c.denoise(*w) for w in windows])
+    finally:
+        worker.close()
+    steps, videos = model.sampler.steps, 2 * (2 if model.sampler.guidance_scale > 1 else 1)
+    assert calls == [("model-worker", videos)] * steps
+    for w, together in zip(windows, batched):
+        torch.testing.assert_close(together, model.denoise(*w), **TOLERANCE)

@@ -230,7 +230,12 @@ class DeepCache:
 
 
 def _timesteps_per_video(timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
-    timesteps = torch.as_tensor(timestep, device=device).reshape(-1)
+    if not isinstance(timestep, torch.Tensor) or (timestep.dim() == 0 and timestep.device != device):
+        # A number (the sampler's timesteps live on the CPU) becomes a fill on the device: copying
+        # a CPU tensor there would make the host wait for the card at every step.
+        number = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        return torch.full((batch,), number, device=device)
+    timesteps = timestep.to(device).reshape(-1)
     if timesteps.numel() not in (1, batch):
         raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch}")
     return timesteps.expand(batch)
