@@ -62,6 +62,9 @@ def _arguments() -> argparse.ArgumentParser:
         command.add_argument("--vae", choices=["kl", "tiny"], default="kl",
                              help="kl: the config's VAE (SD's, as upstream); tiny: TAESD, faster (official "
                                   "configs only)")
+        command.add_argument("--deep-cache", type=int, metavar="N",
+                             help="reuse the U-Net's deep features between denoising steps: only every Nth step runs it whole "
+                             "(DeepCache; upstream uses 3 with 20 steps; default: the config's, 1 = off)")
         command.add_argument("--checkpoints", metavar="DIR",
                              help="official weights in LatentSync's layout: DIR/latentsync_unet.pt, "
                                   "DIR/whisper/tiny.pt, DIR/vae/ (default: the hub cache, see `download`)")
@@ -158,6 +161,7 @@ def _arguments() -> argparse.ArgumentParser:
     rtmp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     rtmp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     rtmp.add_argument("--vae", choices=["kl", "tiny"], default="kl", help="as for `file` (default: kl)")
+    rtmp.add_argument("--deep-cache", type=int, metavar="N", help="as for `file`")
     rtmp.add_argument("--checkpoints", metavar="DIR", help="official weights (see `file --help`)")
 
     download = commands.add_parser(
@@ -184,6 +188,7 @@ def _arguments() -> argparse.ArgumentParser:
                        help="torch threads per call (default: 1 for live work on a CPU, whose stages and sessions "
                                   "already run in threads of their own; torch's default for a file job)")
     serve.add_argument("--vae", choices=["kl", "tiny"], default="kl", help="as for `file` (default: kl)")
+    serve.add_argument("--deep-cache", type=int, metavar="N", help="as for `file`")
     serve.add_argument("--batch", type=int, metavar="N",
                        help="share the model among sessions through one worker that batches their windows, up to N "
                             "per U-Net call (0: each session calls the model itself; default: 8 on a GPU, 0 on a CPU)")
@@ -228,6 +233,13 @@ def _arguments() -> argparse.ArgumentParser:
                        help="memory for uploaded avatars in all; the least recently used go (default: 1024)")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object a line (to stderr)")
     return parser
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """--config with --vae and --deep-cache applied; raises ConfigError."""
+    from stream.config import load_config, with_deep_cache, with_vae
+
+    return with_deep_cache(with_vae(load_config(args.config), args.vae), getattr(args, "deep_cache", None))
 
 
 def _torch_threads(args: argparse.Namespace, lipsync, live: bool) -> None:
@@ -284,7 +296,7 @@ def _serve(args: argparse.Namespace) -> None:
     limit_malloc_arenas()  # first: the models' loading already makes threads (transport/process_memory.py)
     from models.weights import WeightsUnavailable
     from stream.avatar_prep import default_cache_dir
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from stream.pipeline import LipSync
     from transport.server import BadInput, ServeSettings, serve
     from transport.webrtc import IceSettings, parse_port_range
@@ -304,7 +316,7 @@ def _serve(args: argparse.Namespace) -> None:
                                  idle_seconds=args.idle_seconds, mqtt=mqtt, **_access_settings(args),
                                  header_timeout=args.header_timeout, max_connections=args.max_connections,
                                  max_uploads=args.max_uploads, max_avatar_mb=args.max_avatar_mb)
-        lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device,
+        lipsync = LipSync.from_config(model_config(args), args.device,
                                       args.precision, checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)
         _share_model(args, lipsync)
@@ -340,7 +352,7 @@ def _rtmp(args: argparse.Namespace) -> dict:
         raise UserError(str(exc)) from None
 
     from models.weights import WeightsUnavailable
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from stream.pipeline import LipSync
     from stream.runner import run_async
     from transport.rtmp import RelayFailed, RelaySettings, serve_and_relay
@@ -359,7 +371,7 @@ def _rtmp(args: argparse.Namespace) -> dict:
 
             serve = ServeSettings(args.serve_host, args.serve, max_sessions=1, ice=IceSettings(hosts=tuple(args.ice_host)),
                                   mqtt=_mqtt_settings(args), **_access_settings(args))
-        lipsync = LipSync.from_config(with_vae(load_config(args.config), args.vae), args.device, args.precision,
+        lipsync = LipSync.from_config(model_config(args), args.device, args.precision,
                                       checkpoints=args.checkpoints)
         _torch_threads(args, lipsync, live=True)
     except (OptionError, ConfigError, WeightsUnavailable, ValueError) as exc:
@@ -380,11 +392,11 @@ def _rtmp(args: argparse.Namespace) -> dict:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from models.weights import WeightsUnavailable, from_hub
 
     try:
-        config = with_vae(load_config(args.config), args.vae)
+        config = model_config(args)
         if config.get("weights", {}).get("source") != "hub":
             raise UserError(f"config {config['name']!r} uses seeded weights: nothing to download")
         files = from_hub(config, args.cache_dir)
@@ -395,13 +407,13 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from transport.files import (FEATURE_RATE, OUTPUT_AUDIO_RATE, MediaError, Mp4Sink, fit_audio,
                                  output_frame_count, ping_pong, probe, read_audio, read_video)
     from models.weights import WeightsUnavailable
 
     try:
-        config = with_vae(load_config(args.config), args.vae)
+        config = model_config(args)
         video = probe(args.video)
         if not video.has_video:
             raise UserError(f"{args.video}: no video stream (to drive a still portrait, use an image avatar)")
@@ -442,7 +454,7 @@ def _run_file(args: argparse.Namespace, out: str, progress: bool) -> dict:
 def _bench_live(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from stream.live import LiveSession
     from stream.session_options import OptionError, SessionOptions
     from stream.mouth_mask import mouth_mask
@@ -454,7 +466,7 @@ def _bench_live(args: argparse.Namespace) -> dict:
     from transport.paced_file import play_live
 
     try:
-        config = with_vae(load_config(args.config), args.vae)
+        config = model_config(args)
         if args.steps:
             config["sampler"]["steps"] = args.steps
         if not probe(args.video).has_video:
@@ -511,14 +523,14 @@ def _bench_live(args: argparse.Namespace) -> dict:
 
 def _bench_sessions(args: argparse.Namespace) -> dict:
     from bench.sessions import measure
-    from stream.config import ConfigError, load_config, with_vae
+    from stream.config import ConfigError
     from stream.pipeline import LipSync
 
     try:
         counts = [int(n) for n in args.sessions.split(",")]
         if not counts or min(counts) < 1 or args.max_batch < 1:
             raise ValueError
-        config = with_vae(load_config(args.config), args.vae)
+        config = model_config(args)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     except ValueError:

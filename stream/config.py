@@ -41,6 +41,16 @@ def load_config(name_or_path: str | Path) -> dict:
     return config
 
 
+def with_deep_cache(config: dict, interval: int | None) -> dict:
+    """``interval`` N > 1: only every Nth denoising step runs the whole U-Net, the steps between
+    reuse its deep features (``models.unet.DeepCache``); 1: every step whole; None: the config's."""
+    if interval is None:
+        return config
+    if interval < 1:
+        raise ConfigError(f"the DeepCache interval must be at least 1, not {interval}")
+    return {**config, "sampler": {**config["sampler"], "deep_cache_interval": interval}}
+
+
 def with_vae(config: dict, choice: str) -> dict:
     """``kl`` keeps the config's VAE; ``tiny`` swaps in its ``tiny_vae`` section (TAESD)."""
     if choice == "kl":

@@ -149,6 +149,10 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
                           "no video stream")
     expect_one_line_error(run_cli("file", "--video", str(SPEAKER), "--audio", str(SPEAKER), "--out", out,
                                   "--config", "nonsense"), "unknown config")
+    expect_one_line_error(run_cli("file", "--video", str(SPEAKER), "--out", out, "--deep-cache", "0"),
+                          "DeepCache interval must be at least 1")
+    expect_one_line_error(run_cli("serve", "--port", "0", "--device", "cpu", "--batch", "2", "--cuda-graphs"),
+                          "--cuda-graphs needs a CUDA device")
 
 
 def test_truncated_video_keeps_what_decodes(tmp_path):

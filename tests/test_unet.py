@@ -159,3 +159,15 @@ def test_deep_cache_reuse_step_on_the_same_input_equals_the_full_step(tiny_unet,
     torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
     assert deep_calls == [1]  # the whole step ran the mid block; the reuse steps did not
     assert (shallow_changed - full).abs().mean() > 1e-3  # the first level is computed afresh
+
+
+def test_the_deep_cache_option_reaches_the_model():
+    """``--deep-cache N`` (stream.config.with_deep_cache) sets the built model's interval."""
+    from models.factory import build_models
+    from stream.config import load_config, with_deep_cache
+    from stream.mouth_mask import mouth_mask
+
+    config = with_deep_cache(load_config("tiny"), 3)
+    mask = torch.from_numpy(mouth_mask(config["resolution"]))
+    assert build_models(config, mask, torch.device("cpu"), torch.float32).generator.deep_cache_interval == 3
+    assert with_deep_cache(config, None) is config
