@@ -111,7 +111,8 @@ class LipSyncModel(nn.Module):
         renoise, restore = (self._carried(video(known.to(noise)), carried, noise) if any(carried)
                             else (None, lambda latents: latents))
         audio = audio.to(self.mask.device, self.dtype)
-        result = self.sampler.sample(self._denoiser(unet or self.unet), noise, video(conditions.to(noise)), audio, renoise)
+        result = self.sampler.sample(self._denoiser(unet or self.unet), noise, video(conditions.to(noise)), audio,
+                                     renoise)
         return video(restore(result))
 
     def _carried(self, known: torch.Tensor, carried: list[int], noise: torch.Tensor):
