@@ -63,8 +63,9 @@ def _arguments() -> argparse.ArgumentParser:
                              help="kl: the config's VAE (SD's, as upstream); tiny: TAESD, faster (official "
                                   "configs only)")
         command.add_argument("--deep-cache", type=int, metavar="N",
-                             help="reuse the U-Net's deep features between denoising steps: only every Nth step runs it whole "
-                             "(DeepCache; upstream uses 3 with 20 steps; default: the config's, 1 = off)")
+                             help="reuse the U-Net's deep features between denoising steps: only every Nth "
+                                  "step runs it whole (DeepCache; upstream uses 3 with 20 steps; default: the "
+                                  "config's, 1 = off)")
         command.add_argument("--checkpoints", metavar="DIR",
                              help="official weights in LatentSync's layout: DIR/latentsync_unet.pt, "
                                   "DIR/whisper/tiny.pt, DIR/vae/ (default: the hub cache, see `download`)")
