@@ -115,18 +115,18 @@ def inputs(model: LipSyncModel, windows: int, device: torch.device, carried: int
     return conditions, audio, known, [carried] * windows
 
 
-def unet_call(model: LipSyncModel, videos: int, device: torch.device):
-    """One U-Net call on ``videos`` 16-frame videos (guidance doubles the videos of a denoise step)."""
+def unet_inputs(model: LipSyncModel, videos: int, device: torch.device):
+    """(sample, timestep, audio) for one U-Net call on ``videos`` 16-frame videos (guidance doubles
+    the videos of a denoise step)."""
     latent = model.resolution // 8
     sample = torch.randn((videos, 13, WINDOW, latent, latent), device=device, dtype=model.dtype)
     audio = torch.randn((videos, WINDOW, 50, 384), device=device, dtype=model.dtype)
-    t = torch.tensor(999)
+    return sample, torch.tensor(999), audio  # the timestep on the CPU, as the sampler passes it
 
-    def call():
-        return model.unet(sample, t, audio)
 
-    call.sample, call.t, call.audio = sample, t, audio
-    return call
+def unet_call(model: LipSyncModel, videos: int, device: torch.device):
+    sample, t, audio = unet_inputs(model, videos, device)
+    return lambda: model.unet(sample, t, audio)
 
 
 def set_attention(module: torch.nn.Module, sdpa: bool) -> None:
@@ -239,8 +239,7 @@ def measure_costs(configs: dict, device: torch.device, dtype: torch.dtype, unet,
         if device.type == "cuda":  # the same calls replayed from CUDA graphs, up to the worker's batches
             graphed, entry["unet_graphs_ms_by_videos"] = GraphedUNet(unet), {}
             for videos in (v for v in batches if v <= 16):
-                call = unet_call(model, videos, device)
-                sample, t, audio = call.sample, call.t, call.audio
+                sample, t, audio = unet_inputs(model, videos, device)
                 entry["unet_graphs_ms_by_videos"][str(videos)] = round(
                     1000 * timed(lambda: graphed(sample, t, audio), device, repeats), 2)
         for vae_name, vae_config in (("sd", SD_VAE), ("taesd", TAESD)):

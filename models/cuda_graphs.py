@@ -1,12 +1,13 @@
 """The U-Net replayed from CUDA graphs.
 
-One denoising step of one 16-frame window at 256 px launches thousands of small kernels; on an H200
-the eager U-Net took 44.7 ms for one window where the same kernels replayed from a graph took 19.0 ms
-(bench/results): a lone window is bound by launching, not by the card. ``GraphedUNet`` captures the
+One denoising step of one 16-frame window at 256 px launches thousands of small kernels; on an H100
+the eager U-Net took 51.0 ms for one window where the same kernels replayed from a graph took 29.9 ms
+(bench/results): a lone window is bound by launching, not by the card. From a few windows on the
+card is the limit and graphs change nothing. ``GraphedUNet`` captures the
 U-Net's forward once per input shape (and DeepCache role) and afterwards only copies the inputs into
 the graph's own buffers and replays it.
 
-A capture costs a few warm-up calls and about a second; it happens on a shape's first call, so a
+A capture costs a few warm-up calls and under a second; it happens on a shape's first call, so a
 server's first windows of each batch size are late once. Graphs share one memory pool: they replay
 one after another on one stream, so one graph's scratch memory is free whenever another runs.
 
