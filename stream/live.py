@@ -11,8 +11,8 @@ Policies, each counted in ``stats()``:
 - a tick that finds the pipeline's first queue full is dropped (``dropped_ticks``);
 - a window that is already late passes its frames through unchanged (``late_frames``);
 - a frame that is ready after its due time goes out at once and the clock re-anchors
-  (``clock_slips``), so later frames keep their spacing instead of bunching up; the playout
-  delay then eases back down to what recent frames needed, a skipped frame at a time (``eased_frames``);
+  (``clock_slips``); the playout delay then eases back down to what recent frames needed, a
+  skipped frame at a time (``eased_frames``): stream/playout.py;
 - output nobody reads is bounded (``dropped_outputs``).
 
 Control travels in-band: ``interrupt()``, ``switch_avatar()`` and ``update_options()`` queue a
@@ -51,6 +51,7 @@ from stream.generation import Generation
 from stream.input_audio import InputAudio
 from stream.latency import LatencyLog
 from stream.pipeline import LipSync
+from stream.playout import Playout
 from stream.program_audio import BufferFull, ProgramAudio
 from stream.runner import Pipeline
 from stream.session_options import AudioFormat, OptionError, SessionOptions
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 # audio (with its right context) is in when its tick comes waits for nothing.
 PROGRAM_LEAD = 0.2
 PROGRAM_PERIOD = 0.02
-# The playout delay comes down by one skipped frame at most this often (frames).
-EASE_EVERY = 5
 READY = "ready"  # the trace mark of a frame's arrival in the output queue
 EARLY_AUDIO = 2.0  # seconds of a camera session's audio kept from before its first picture
 
@@ -84,15 +83,24 @@ class _OutputSink:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, limit: int):
         self._loop, self._outputs, self._limit = loop, outputs, limit
+        self._ended = False
         self.dropped = 0
 
-    def _put(self, item: VideoFrame | None) -> None:
-        if item is not None:
-            item.trace.marks[READY] = time.monotonic()  # when it could have left: what the playout needs
-            if self._outputs.qsize() >= self._limit:
-                self._outputs.get_nowait()
-                self.dropped += 1
-        self._outputs.put_nowait(item)
+    def _put(self, frame: VideoFrame) -> None:
+        frame.trace.marks[READY] = time.monotonic()  # when it could have left: what the playout needs
+        if self._outputs.qsize() >= self._limit:
+            self._outputs.get_nowait()
+            self.dropped += 1
+        self._outputs.put_nowait(frame)
+
+    def end(self) -> None:
+        """On the event loop: no frame follows; readers find None at the end of the queue."""
+        self._ended = True
+        self._outputs.put_nowait(None)
+
+    def frames_waiting(self) -> int:
+        """Frames in the queue, the end marker not counted (on the event loop)."""
+        return self._outputs.qsize() - self._ended
 
     def process(self, frame: VideoFrame) -> list:
         self._loop.call_soon_threadsafe(self._put, frame)
@@ -102,7 +110,7 @@ class _OutputSink:
         pass  # the loop acted on it when it was given
 
     def flush(self) -> list:
-        self._loop.call_soon_threadsafe(self._put, None)
+        self._loop.call_soon_threadsafe(self.end)
         return []
 
 
@@ -137,7 +145,6 @@ class LiveSession:
         self._t0: float | None = None
         self._ending = False
         self._closed = False
-        self._anchor: float | None = None
         self._first_output_at: float | None = None
         self._last_output_at: float | None = None
         self._shown_until = 0.0  # media time up to which frames have been emitted
@@ -146,13 +153,10 @@ class LiveSession:
         self._last_activity = self.opened
         self.frames_out = 0
         self.frames_interrupted = 0
-        self.frames_eased = 0  # skipped to bring the playout delay back down
-        self._last_eased = 0
-        self.clock_slips = 0
         self.dropped_ticks = 0
         self.latency = LatencyLog()
         self._av_offsets: collections.deque[float] = collections.deque(maxlen=1000)
-        self._needed_delay: collections.deque[float] = collections.deque(maxlen=50)
+        self._playout = Playout(self.fps)
         self.stages: list = []
         self.generation: Generation | None = None
         self.faces: FaceTracking | AvatarFaces | None = None
@@ -368,7 +372,7 @@ class LiveSession:
         """A pipeline that fails ends the output too, instead of leaving readers waiting forever."""
         if not task.cancelled() and task.exception() is not None:
             self.error = task.exception()
-            self._outputs.put_nowait(None)
+            self._sink.end()
 
     async def _ticks(self) -> AsyncIterator[VideoFrame | Control]:
         """The video source: one frame per tick of the media clock, never blocking on the pipeline."""
@@ -420,21 +424,11 @@ class LiveSession:
                     raise RuntimeError(f"live pipeline failed: {self.error!r}") from self.error
                 return None
             now = time.monotonic()
-            # Measured from when the frame was ready, not from now: a frame that waited in the queue
-            # while the one before it was held to its time would otherwise report the playout
-            # delay itself as what it needed, and the delay could never come down.
-            self._needed_delay.append(frame.trace.marks[READY] - frame.pts)
-            if self._anchor is None:
-                self._anchor = now - frame.pts
-            if not self._eases_back():
+            if not self._playout.skips(frame.pts, frame.trace.marks[READY], now, self._sink.frames_waiting() > 0):
                 break
-        due = self._anchor + frame.pts
+        due = self._playout.due(frame.pts, now)
         if due > now:
             await asyncio.sleep(due - now)
-        elif now - due > 1.0 / self.fps:
-            self._anchor = now - frame.pts
-            self.clock_slips += 1
-            due = now
         emitted = time.monotonic()
         self._first_output_at = self._first_output_at or emitted
         self._last_output_at = emitted
@@ -451,24 +445,6 @@ class LiveSession:
         if self._program is not None:
             self._report_speech()
         return LiveOutput(frame, audio, due)
-
-    def _eases_back(self) -> bool:
-        """Whether to skip this frame to bring the playout delay down to what recent frames needed.
-
-        The delay follows the 90th percentile of what recent frames needed, so one slow window
-        costs a slip, not a permanently higher latency. It comes down a whole frame at a time, the
-        frame skipped with its audio, at most once every EASE_EVERY frames: squeezing the spacing
-        of the frames instead would leave the audio, which a transport plays sample-continuously,
-        behind the pictures by all the delay given back.
-        """
-        target = float(np.percentile(self._needed_delay, 90))
-        if (self._anchor - target <= 1.0 / self.fps or self._outputs.empty()  # the next must be ready
-                or self.frames_out + self.frames_eased - self._last_eased < EASE_EVERY):
-            return False
-        self._anchor -= 1.0 / self.fps
-        self.frames_eased += 1
-        self._last_eased = self.frames_out + self.frames_eased
-        return True
 
     def _report_speech(self) -> None:
         """speech_started / speech_ended as the output shows an utterance's first and last frame."""
@@ -502,11 +478,11 @@ class LiveSession:
             # The worst gap between a frame's timestamp and that of the audio sent with it.
             "av_offset_ms": round(1000 * max(self._av_offsets, key=abs), 2) if self._av_offsets else None,
             "dropped_frames": self.dropped_ticks + (generation.frames_late if generation else 0)
-            + self._sink.dropped + self.frames_eased if self.stages else 0,
+            + self._sink.dropped + self._playout.eased if self.stages else 0,
             "dropped_ticks": self.dropped_ticks,
             "late_frames": generation.frames_late if generation else 0,
-            "clock_slips": self.clock_slips,
-            "eased_frames": self.frames_eased,
+            "clock_slips": self._playout.slips,
+            "eased_frames": self._playout.eased,
             "silent_frames": self._audio_stage.frames_silent,
             "audio_retimed_ms": [round(1000 * s, 1) for s in self._input_audio.retimed_seconds[-8:]],
             "frames_without_face": self.faces.frames_without_face if self.faces else 0,

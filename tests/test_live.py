@@ -182,8 +182,9 @@ def _best_lag(piece: np.ndarray, source: np.ndarray, start: int, reach: int) -> 
 def test_av_stay_in_sync_over_the_whole_clip(lipsync, speech):
     stats, outputs, _ = play(lipsync, 4.0, speech[1])
     # Every tick of the 4 s is accounted for: shown, or dropped or skipped (eased) under load, which
-    # a busy 2-core machine makes happen a few times (up to 6 eased frames seen in CI).
-    assert [o.frame.index for o in outputs][-1] == 99
+    # a busy 2-core machine makes happen a few times (up to 6 eased frames seen in CI). The last
+    # frame is never eased (tests/test_playout.py); only a full pipeline at its tick keeps it out.
+    assert outputs[-1].frame.index >= 99 - stats["dropped_ticks"], stats
     assert len(outputs) + stats["dropped_ticks"] + stats["eased_frames"] == 100, stats
     assert len(outputs) >= 90, stats
     sent = np.concatenate([o.audio for o in outputs], axis=1)[0]
