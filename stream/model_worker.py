@@ -26,6 +26,7 @@ Per-session state (the latent ring buffer, clocks) stays in the session's stages
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -76,7 +77,7 @@ class ModelWorker:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model = model
-        self.unet = unet
+        self._runners = {**_RUNNERS, "denoise": functools.partial(_denoise, unet=unet)}
         self.resolution = model.resolution
         mask = getattr(model, "mask", None)
         self._device = mask.device if mask is not None else torch.device("cpu")
@@ -176,7 +177,7 @@ class ModelWorker:
         while (batch := self._next_batch()) is not None:
             started = time.perf_counter()
             try:
-                results = _RUNNERS[batch[0].kind](self.model, [job.inputs for job in batch], self.unet)
+                results = self._runners[batch[0].kind](self.model, [job.inputs for job in batch])
                 if self._cuda:  # a batch is done when the card is, not when its kernels are queued
                     torch.cuda.synchronize(self._device)
                 errors = [None] * len(batch)
@@ -193,12 +194,12 @@ class ModelWorker:
                 self._running = []
 
 
-def _encode(model, inputs: list[tuple], _unet) -> list[torch.Tensor]:
+def _encode(model, inputs: list[tuple]) -> list[torch.Tensor]:
     faces = [faces for (faces,) in inputs]
     return list(model.encode_condition(torch.cat(faces)).split([len(f) for f in faces]))
 
 
-def _denoise(model, inputs: list[tuple], unet: Callable | None) -> list[torch.Tensor]:
+def _denoise(model, inputs: list[tuple], unet: Callable | None = None) -> list[torch.Tensor]:
     conditions = torch.stack([condition for condition, _, _ in inputs])
     audio = torch.stack([audio for _, audio, _ in inputs])
     carried = [0 if known is None else len(known) for _, _, known in inputs]
@@ -212,14 +213,14 @@ def _denoise(model, inputs: list[tuple], unet: Callable | None) -> list[torch.Te
     return list(model.denoise_windows(conditions, audio, known, carried, unet=unet))
 
 
-def _decode(model, inputs: list[tuple], _unet) -> list[torch.Tensor]:
+def _decode(model, inputs: list[tuple]) -> list[torch.Tensor]:
     latents = torch.cat([latents for latents, _ in inputs])
     faces = torch.cat([faces for _, faces in inputs])
     return list(model.decode(latents, faces).split([len(f) for _, f in inputs]))
 
 
-_RUNNERS: dict[str, Callable[[Any, list[tuple], Callable | None], list]] = {
-    "encode": _encode, "denoise": _denoise, "decode": _decode}
+_RUNNERS: dict[str, Callable[[Any, list[tuple]], list]] = {"encode": _encode, "denoise": _denoise,
+                                                           "decode": _decode}
 
 
 class WorkerClient:

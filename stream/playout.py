@@ -43,9 +43,8 @@ class Playout:
         self._needed.append(ready_at - pts)
         if self._anchor is None:
             self._anchor = now - pts
-        target = float(np.percentile(self._needed, 90))
-        if (self._anchor - target <= self.frame_time or not next_ready
-                or self._shown_since_eased < EASE_EVERY):
+        if (not next_ready or self._shown_since_eased < EASE_EVERY  # the cheap tests first
+                or self._anchor - float(np.percentile(self._needed, 90)) <= self.frame_time):
             self._shown_since_eased += 1
             return False
         self._anchor -= self.frame_time
